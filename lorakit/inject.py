@@ -1,0 +1,271 @@
+"""Finding target modules, injecting LoRA layers, freezing, and unloading back to plain torch.
+
+Matching follows PEFT exactly, so a config means the same thing in both libraries:
+
+* ``target_modules`` as a list: a module path matches when it equals an entry or ends
+  with ``"." + entry`` ("q_proj" matches "model.layers.0.self_attn.q_proj");
+* as a string: ``re.fullmatch(pattern, path)``;
+* ``"all-linear"``: every nn.Linear and GPT-2 Conv1D except the output head
+  (``model.get_output_embeddings()`` when the model has one);
+* ``exclude_modules``: the same rules, applied first; modules in ``modules_to_save``
+  are never adapted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterExists, ConfigError, LoraError, TargetNotFound, UnsupportedModule, preview
+from .layers import LoraLayer, LoraState, SavedModule, supported_base
+
+# Well-known target names used when target_modules is None (attention query and value, as in the paper).
+DEFAULT_TARGETS = (["q_proj", "v_proj"], ["c_attn"], ["query", "value"], ["q", "v"], ["query_key_value"])
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names are safe identifiers: letters, digits, '_' and '-', at most 64 characters."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-' "
+                          "(starting with a letter, digit or '_')")
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every module, seeing a LoRA / saved wrapper as its base module's slot
+    (their internals are not walked)."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, (LoraLayer, SavedModule)):
+            yield from walk(child, path)
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, (LoraLayer, SavedModule)) else module
+
+
+def _matches(patterns, path: str) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, path) is not None
+    return path in patterns or any(path.endswith("." + p) for p in patterns)
+
+
+def _output_head_paths(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    return {path for path, m in walk(model) if base_of(m) is head or m is head}
+
+
+def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Paths of the modules ``cfg`` adapts in ``model``, in model order. Raises when none match
+    or when a pattern matches a module of a type lorakit cannot adapt."""
+    targets = cfg.target_modules if cfg.target_modules is not None else _default_targets(model)
+    saved = cfg.modules_to_save or []
+    all_linear = targets == "all-linear"
+    heads = _output_head_paths(model) if all_linear else set()
+    found, unsupported = [], []
+    for path, module in walk(model):
+        base = base_of(module)
+        if _matches(cfg.exclude_modules, path) or any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path)
+                                                      for m in saved):
+            continue
+        if all_linear:
+            from .layers import LoraLinear
+            if supported_base(base) is LoraLinear and path not in heads:
+                found.append(path)
+            continue
+        if _matches(targets, path):
+            if supported_base(base) is None:
+                unsupported.append(f"{path} ({type(base).__name__})")
+            else:
+                found.append(path)
+    if unsupported:
+        raise UnsupportedModule(
+            "target_modules matched modules lorakit cannot adapt: " + ", ".join(unsupported)
+            + ". Supported types: nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers Conv1D; "
+            "narrow target_modules or add them to exclude_modules.")
+    if not found:
+        leaf_names = sorted({p.rsplit(".", 1)[-1] for p, m in walk(model) if supported_base(base_of(m))})
+        raise TargetNotFound(
+            f"target_modules {targets!r} matched no module of {type(model).__name__}"
+            + (f" (exclude_modules={cfg.exclude_modules!r})" if cfg.exclude_modules else "")
+            + f". Adaptable module names in this model: {preview(leaf_names, 20)}")
+    return found
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    leaves = {p.rsplit(".", 1)[-1] for p, _ in walk(model)}
+    for names in DEFAULT_TARGETS:
+        if all(n in leaves for n in names):
+            return names
+    raise ConfigError("target_modules is not set and this model has none of the well-known attention "
+                      f"projections {[n for names in DEFAULT_TARGETS for n in names]}; set target_modules, "
+                      "e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+
+
+def compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """The shortest target_modules list that selects exactly ``paths``: leaf names when they
+    select nothing else, otherwise the full paths (what a saved config records)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = [p for p, m in walk(model) if supported_base(base_of(m)) and _matches(leaves, p)]
+    return leaves if sorted(selected) == sorted(paths) else sorted(paths)
+
+
+def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, leaf = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), leaf
+
+
+def find_state(model: nn.Module) -> Optional[LoraState]:
+    """The LoraState shared by the model's LoRA layers, or None for a model without any."""
+    st = model.__dict__.get("_lorakit_state")
+    if st is not None:
+        return st
+    if isinstance(model, (LoraLayer, SavedModule)):
+        return model.state
+    for m in model.modules():
+        if isinstance(m, (LoraLayer, SavedModule)):
+            return m.state
+    return None
+
+
+def ensure_state(model: nn.Module) -> LoraState:
+    st = find_state(model)
+    if st is None:
+        st = LoraState()
+    model.__dict__["_lorakit_state"] = st
+    return st
+
+
+def wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
+    """Replace the module at ``path`` with its LoRA layer (or return the existing one)."""
+    parent, leaf = get_submodule_parent(model, path)
+    module = getattr(parent, leaf)
+    if isinstance(module, LoraLayer):
+        return module
+    cls = supported_base(module)
+    if cls is None:
+        raise UnsupportedModule(f"{path}: cannot adapt a {type(module).__name__}")
+    layer = cls(module, state)
+    setattr(parent, leaf, layer)
+    return layer
+
+
+def wrap_saved(model: nn.Module, path: str, state: LoraState) -> SavedModule:
+    parent, leaf = get_submodule_parent(model, path)
+    module = getattr(parent, leaf)
+    if isinstance(module, SavedModule):
+        return module
+    if isinstance(module, LoraLayer):
+        raise ConfigError(f"{path} is LoRA-adapted already and cannot also be in modules_to_save")
+    wrapped = SavedModule(module, state)
+    setattr(parent, leaf, wrapped)
+    return wrapped
+
+
+def resolve_saved(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Paths of the modules_to_save in ``model`` (matched exactly or as a dotted suffix)."""
+    if not cfg.modules_to_save:
+        return []
+    found = [p for p, _ in walk(model) if _matches(cfg.modules_to_save, p)]
+    missing = [m for m in cfg.modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
+    if missing:
+        raise TargetNotFound(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    # keep outermost matches only
+    return [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
+
+
+def _torch_dtype(name: str):
+    import torch
+    return None if name == "auto" else getattr(torch, name)
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Add a LoRA adapter ``name`` to every module ``config`` targets, in place; returns ``model``.
+
+    Every base parameter is frozen; the new adapter's A and B (and modules_to_save copies)
+    are trainable. The first adapter on a model becomes active; later ones do not (use
+    set_adapter). Right after inject, outputs equal the base model's exactly (B = 0).
+    """
+    check_adapter_name(name)
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    state = find_state(model)
+    if state is not None and name in state.configs:
+        raise AdapterExists(f"adapter {name!r} already exists on this model; adapters: {list(state.configs)}")
+    if state is not None and state.merged is not None:
+        from .errors import MergedStateError
+        raise MergedStateError(f"adapter {state.merged!r} is merged; unmerge(model) before adding adapters")
+    paths = resolve_targets(model, config)          # validates before any change
+    saved = resolve_saved(model, config)
+    state = ensure_state(model)
+    freeze_base(model)
+    add_adapter_layers(model, state, config, name, paths, saved, trainable=True)
+    return model
+
+
+def add_adapter_layers(model: nn.Module, state: LoraState, config: LoraConfig, name: str, paths: list[str],
+                       saved: list[str], trainable: bool) -> None:
+    """Wrap ``paths`` as needed and add adapter ``name`` to each; register it in the state."""
+    dtype = _torch_dtype(config.adapter_dtype)
+    for path in paths:
+        layer = wrap(model, path, state)
+        adapter = layer.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.scale_for(path),
+                                    config.dropout, config.init, dtype)
+        adapter.requires_grad_(trainable)
+    for path in saved:
+        copy = wrap_saved(model, path, state).add_copy(name)
+        copy.requires_grad_(trainable)
+    state.configs[name] = config.replace(target_modules=compact_targets(model, paths))
+    if state.active is None:
+        state.active = name
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad = False for every parameter that is not a LoRA adapter's (or a saved copy's)."""
+    adapter_params = set()
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            adapter_params.update(id(p) for p in m.adapters.parameters())
+        elif isinstance(m, SavedModule):
+            adapter_params.update(id(p) for p in m.copies.parameters())
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for path, m in walk(model):
+        if isinstance(m, LoraLayer):
+            yield path, m
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for path, m in walk(model):
+        if isinstance(m, SavedModule):
+            yield path, m
+
+
+def unwrap_all(model: nn.Module, keep=None) -> nn.Module:
+    """Replace every LoRA layer by its base module and every saved wrapper by ``keep(wrapper)``
+    (default: the original). Removes the model's lorakit state."""
+    for path, m in list(walk(model)):
+        if isinstance(m, LoraLayer):
+            parent, leaf = get_submodule_parent(model, path)
+            setattr(parent, leaf, m.base)
+        elif isinstance(m, SavedModule):
+            parent, leaf = get_submodule_parent(model, path)
+            setattr(parent, leaf, keep(m) if keep else m.base)
+    model.__dict__.pop("_lorakit_state", None)
+    if isinstance(model, (LoraLayer, SavedModule)):
+        raise LoraError("unload() needs the model that contains the LoRA layers, not a LoRA layer itself")
+    return model
