@@ -1,0 +1,86 @@
+"""Shared test fixtures: tiny models built from configs (never downloaded) and plain torch nets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertModel(cfg).eval()
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(16, 32, 24, 10)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.seq = nn.Conv1d(8, 6, 2)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):                       # x: (B, 3, 8, 8)
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))   # (B, 8, 3, 3)
+        h = self.seq(h.flatten(2))             # (B, 6, 8)
+        return self.head(h.mean(-1))           # (B, 4)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
+    """Give every adapter parameter random values (B starts at zero, which hides bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
