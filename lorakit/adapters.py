@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterNotFound, LoraError, MergedStateError
-from .inject import find_state, lora_layers, saved_modules, unwrap_all
+from .inject import find_state, get_submodule_parent, lora_layers, saved_modules, unwrap_all
 from .layers import LoraState
 
 
@@ -83,21 +83,35 @@ def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> Iterator
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer. Deleting the active adapter leaves the next
-    remaining one active (or none)."""
+    """Remove adapter ``name`` from every layer; a layer left with no adapter becomes its plain
+    base module again (so deleting every adapter gives back the original module tree).
+    Deleting the active adapter makes the first remaining one active (or none)."""
     st = _state(model)
     _check_name(st, name)
     if st.merged == name:
         raise MergedStateError(f"adapter {name!r} is merged; call lorakit.unmerge(model) before deleting it")
-    for _, layer in lora_layers(model):
+    if st.rows is not None:
+        raise LoraError(f"cannot delete adapter {name!r} inside batch_adapters")
+    for path, layer in list(lora_layers(model)):
         if name in layer.adapters:
             del layer.adapters[name]
-    for _, saved in saved_modules(model):
+        if len(layer.adapters) == 0 and layer.merged_name is None:
+            _put_back(model, path, layer.base)
+    for path, saved in list(saved_modules(model)):
         if name in saved.copies:
             del saved.copies[name]
+        if len(saved.copies) == 0:
+            _put_back(model, path, saved.base)
     del st.configs[name]
     if st.active == name:
         st.active = next(iter(st.configs), None)
+    if not st.configs:
+        model.__dict__.pop("_lorakit_state", None)
+
+
+def _put_back(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, leaf = get_submodule_parent(model, path)
+    setattr(parent, leaf, module)
 
 
 @contextlib.contextmanager

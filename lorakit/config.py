@@ -97,6 +97,8 @@ class LoraConfig:
         problems += _check_overrides("alpha_pattern", self.alpha_pattern, _positive_number, "a finite number > 0")
         if problems:
             raise ConfigError("invalid LoraConfig: " + "; ".join(problems))
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+            self.target_modules = "all-linear"          # PEFT accepts any case
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.exclude_modules, (list, tuple, set)):
@@ -127,11 +129,14 @@ class LoraConfig:
         return LoraConfig(**values)
 
     # -- PEFT adapter_config.json ---------------------------------------------------
-    def to_peft_dict(self, target_modules: Optional[list[str]] = None) -> dict[str, Any]:
+    def to_peft_dict(self, target_modules: Optional[list[str]] = None, fan_in_fan_out: bool = False
+                     ) -> dict[str, Any]:
         """The adapter_config.json content PEFT expects.
 
         ``target_modules`` (the adapted module names, resolved against a model) replaces
         the patterns, as PEFT does for "all-linear"; exclusions are then already applied.
+        ``fan_in_fan_out`` is True when the adapted layers store W transposed (GPT-2 Conv1D),
+        which PEFT records so.
         """
         targets = self.target_modules if target_modules is None else sorted(target_modules)
         return {
@@ -149,7 +154,7 @@ class LoraConfig:
             "init_lora_weights": True if self.init == "kaiming" else "gaussian",
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": bool(fan_in_fan_out),
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": None,
             "layers_pattern": None,
@@ -211,7 +216,7 @@ def _check_patterns(name: str, value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        if value == "all-linear":
+        if value.lower() == "all-linear":
             return []
         try:
             re.compile(value)

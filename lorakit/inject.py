@@ -6,9 +6,14 @@ Matching follows PEFT exactly, so a config means the same thing in both librarie
   with ``"." + entry`` ("q_proj" matches "model.layers.0.self_attn.q_proj");
 * as a string: ``re.fullmatch(pattern, path)``;
 * ``"all-linear"``: every nn.Linear and GPT-2 Conv1D except the output head
-  (``model.get_output_embeddings()`` when the model has one);
+  (``model.get_output_embeddings()`` when the model has one, else the ``score`` /
+  ``classifier`` head when ``task_type="SEQ_CLS"``); an ``out_proj`` owned by
+  nn.MultiheadAttention is skipped (its parent reads the weight directly);
 * ``exclude_modules``: the same rules, applied first; modules in ``modules_to_save``
-  are never adapted.
+  (and everything inside them) are never adapted.
+
+Everything is validated before the model changes: a call that raises leaves the model's
+modules, parameters and registered adapter names exactly as they were.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterExists, ConfigError, LoraError, TargetNotFound, UnsupportedModule, preview
-from .layers import LoraLayer, LoraState, SavedModule, supported_base
+from .layers import LoraLayer, LoraLinear, LoraState, SavedModule, supported_base, unsupported_reason
 
 # Well-known target names used when target_modules is None (attention query and value, as in the paper).
 DEFAULT_TARGETS = (["q_proj", "v_proj"], ["c_attn"], ["query", "value"], ["q", "v"], ["query_key_value"])
@@ -57,42 +62,66 @@ def _matches(patterns, path: str) -> bool:
     return path in patterns or any(path.endswith("." + p) for p in patterns)
 
 
-def _output_head_paths(model: nn.Module) -> set[str]:
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")   # PEFT's convention for classification heads
+
+
+def _output_head_paths(model: nn.Module, task_type=None) -> set[str]:
+    """Paths of the output head that "all-linear" leaves alone (PEFT's rule)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None),
+                                                                               nn.Module)), None)
     if head is None:
         return set()
     return {path for path, m in walk(model) if base_of(m) is head or m is head}
 
 
+def _in_saved(saved: list[str], path: str) -> bool:
+    """PEFT's rule: a module inside (or equal to) a modules_to_save entry is never adapted."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in saved)
+
+
+def _why_not(model: nn.Module, path: str, module: nn.Module) -> Optional[str]:
+    """Why the module at ``path`` cannot get a LoRA layer, or None when it can."""
+    if isinstance(module, SavedModule):
+        return "it is in modules_to_save of an adapter already on the model"
+    base = base_of(module)
+    if supported_base(base) is None:
+        return "unsupported type"
+    parent, _ = get_submodule_parent(model, path)
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this weight directly, so a LoRA layer would never run"
+    return unsupported_reason(base)
+
+
 def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Paths of the modules ``cfg`` adapts in ``model``, in model order. Raises when none match
-    or when a pattern matches a module of a type lorakit cannot adapt."""
+    or when a pattern matches a module lorakit cannot adapt (all such modules in one message)."""
     targets = cfg.target_modules if cfg.target_modules is not None else _default_targets(model)
     saved = cfg.modules_to_save or []
     all_linear = targets == "all-linear"
-    heads = _output_head_paths(model) if all_linear else set()
+    heads = _output_head_paths(model, cfg.task_type) if all_linear else set()
     found, unsupported = [], []
     for path, module in walk(model):
         base = base_of(module)
-        if _matches(cfg.exclude_modules, path) or any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path)
-                                                      for m in saved):
+        if _matches(cfg.exclude_modules, path) or _in_saved(saved, path):
             continue
         if all_linear:
-            from .layers import LoraLinear
-            if supported_base(base) is LoraLinear and path not in heads:
+            if supported_base(base) is LoraLinear and path not in heads and _why_not(model, path, module) is None:
                 found.append(path)
             continue
         if _matches(targets, path):
-            if supported_base(base) is None:
-                unsupported.append(f"{path} ({type(base).__name__})")
-            else:
+            reason = _why_not(model, path, module)
+            if reason is None:
                 found.append(path)
+            else:
+                unsupported.append(f"{path} ({type(base).__name__}: {reason})")
     if unsupported:
         raise UnsupportedModule(
-            "target_modules matched modules lorakit cannot adapt: " + ", ".join(unsupported)
-            + ". Supported types: nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, transformers Conv1D; "
-            "narrow target_modules or add them to exclude_modules.")
+            f"target_modules {targets!r} matched modules lorakit cannot adapt: " + "; ".join(unsupported)
+            + ". Supported types: nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d (groups=1, zero padding), "
+            "transformers Conv1D; narrow target_modules or add these to exclude_modules.")
     if not found:
         leaf_names = sorted({p.rsplit(".", 1)[-1] for p, m in walk(model) if supported_base(base_of(m))})
         raise TargetNotFound(
@@ -114,9 +143,9 @@ def _default_targets(model: nn.Module) -> list[str]:
 
 def compact_targets(model: nn.Module, paths: list[str]) -> list[str]:
     """The shortest target_modules list that selects exactly ``paths``: leaf names when they
-    select nothing else, otherwise the full paths (what a saved config records)."""
+    select no other module of any type, otherwise the full paths (what a saved config records)."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    selected = [p for p, m in walk(model) if supported_base(base_of(m)) and _matches(leaves, p)]
+    selected = [p for p, _ in walk(model) if _matches(leaves, p)]
     return leaves if sorted(selected) == sorted(paths) else sorted(paths)
 
 
@@ -173,15 +202,23 @@ def wrap_saved(model: nn.Module, path: str, state: LoraState) -> SavedModule:
 
 
 def resolve_saved(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Paths of the modules_to_save in ``model`` (matched exactly or as a dotted suffix)."""
+    """Paths of the modules_to_save in ``model`` (matched exactly or as a dotted suffix, outermost
+    matches only). Raises when an entry matches nothing or a match holds LoRA layers."""
     if not cfg.modules_to_save:
         return []
     found = [p for p, _ in walk(model) if _matches(cfg.modules_to_save, p)]
     missing = [m for m in cfg.modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
     if missing:
-        raise TargetNotFound(f"modules_to_save {missing} matched no module of {type(model).__name__}")
-    # keep outermost matches only
-    return [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in walk(model)})
+        raise TargetNotFound(f"modules_to_save {missing} matched no module of {type(model).__name__}; "
+                             f"module names in this model: {preview(names, 20)}")
+    found = [p for p in found if not any(p.startswith(q + ".") for q in found if q != p)]
+    clashes = [p for p in found for q, m in walk(model)
+               if isinstance(m, LoraLayer) and (q == p or q.startswith(p + "."))]
+    if clashes:
+        raise ConfigError(f"modules_to_save {sorted(set(clashes))} hold LoRA layers of adapters already on the "
+                          "model; a module cannot be both LoRA-adapted and saved in full")
+    return found
 
 
 def _torch_dtype(name: str):
@@ -207,15 +244,56 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         raise MergedStateError(f"adapter {state.merged!r} is merged; unmerge(model) before adding adapters")
     paths = resolve_targets(model, config)          # validates before any change
     saved = resolve_saved(model, config)
-    state = ensure_state(model)
-    freeze_base(model)
-    add_adapter_layers(model, state, config, name, paths, saved, trainable=True)
+    add_adapter(model, config, name, paths, saved, trainable=True)
     return model
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str], saved: list[str],
+                trainable: bool, fill=None) -> None:
+    """Add adapter ``name`` to the (validated) ``paths`` and ``saved`` modules, all or nothing.
+
+    Wraps modules as needed, lets ``fill(model)`` copy loaded values in, freezes every base
+    parameter and registers the name (the first adapter becomes active). If anything raises,
+    the model's modules, the state and every requires_grad flag are restored before re-raising.
+    """
+    before = dict(walk(model))
+    had_state = find_state(model)
+    state = ensure_state(model)
+    active_before = state.active
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        add_adapter_layers(model, state, config, name, paths, saved, trainable)
+        if fill is not None:
+            fill(model)
+        freeze_base(model)
+    except BaseException:
+        _rollback(model, name, before, state, active_before, had_state)
+        for p in model.parameters():
+            if id(p) in grads:
+                p.requires_grad_(grads[id(p)])
+        raise
+
+
+def _rollback(model: nn.Module, name: str, before: dict, state: LoraState, active_before, had_state) -> None:
+    """Undo a half-done add_adapter: drop ``name`` everywhere and put back unwrapped modules."""
+    for path, m in list(walk(model)):
+        if isinstance(m, LoraLayer) and name in m.adapters:
+            del m.adapters[name]
+        if isinstance(m, SavedModule) and name in m.copies:
+            del m.copies[name]
+        if isinstance(m, (LoraLayer, SavedModule)) and path in before and before[path] is not m:
+            parent, leaf = get_submodule_parent(model, path)
+            setattr(parent, leaf, before[path])
+    state.configs.pop(name, None)
+    state.active = active_before
+    if had_state is None:
+        model.__dict__.pop("_lorakit_state", None)
 
 
 def add_adapter_layers(model: nn.Module, state: LoraState, config: LoraConfig, name: str, paths: list[str],
                        saved: list[str], trainable: bool) -> None:
-    """Wrap ``paths`` as needed and add adapter ``name`` to each; register it in the state."""
+    """Wrap ``paths`` as needed and add adapter ``name`` to each; register it in the state.
+    Not transactional on its own: call it through add_adapter."""
     dtype = _torch_dtype(config.adapter_dtype)
     for path in paths:
         layer = wrap(model, path, state)

@@ -16,6 +16,7 @@ a temporary file in the same folder and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -27,9 +28,9 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterExists, AdapterFormatError, ConfigError, LoraError, MergedStateError, ShapeMismatch, preview
-from .inject import (add_adapter_layers, base_of, check_adapter_name, ensure_state, find_state, get_submodule_parent,
-                     lora_layers, resolve_saved, resolve_targets, saved_modules, walk)
-from .layers import LoraLayer, SavedModule, adapter_shapes, supported_base
+from .inject import (add_adapter, base_of, check_adapter_name, find_state, lora_layers, resolve_saved,
+                     resolve_targets, saved_modules)
+from .layers import LoraLinear, adapter_shapes, supported_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +62,11 @@ def lora_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, t
 
 # ------------------------------------------------------------------------------ saving
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename.
+
+    A reader sees the old file or the new one, never a half-written one. The file gets the
+    usual permissions (rw-r--r--), not mkstemp's owner-only ones.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -69,19 +74,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def save_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None,
@@ -96,13 +94,26 @@ def save_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None,
     sd = lora_state_dict(model, name)
     if base_model_name_or_path is None:
         base_model_name_or_path = cfg.base_model_name_or_path or _name_or_path(model)
-    config = cfg.replace(base_model_name_or_path=base_model_name_or_path).to_peft_dict(cfg.target_modules)
+    adapter = cfg_name(model, name)
+    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model)
+                         if isinstance(layer, LoraLinear) and adapter in layer.adapters)
+    config = cfg.replace(base_model_name_or_path=base_model_name_or_path).to_peft_dict(
+        cfg.target_modules, fan_in_fan_out=fan_in_fan_out)
     tensors = {k: v.contiguous().cpu() for k, v in sd.items()}
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise AdapterFormatError(f"{folder}: exists and is not a folder; save_adapter writes a folder "
+                                 f"({CONFIG_NAME} + {WEIGHTS_NAME})")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", "saved_by": "lorakit"}))
     atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
+
+
+def cfg_name(model: nn.Module, name: Optional[str]) -> str:
+    """``name``, or the active adapter's name when None."""
+    from .adapters import active_adapter
+    return active_adapter(model) if name is None else name
 
 
 def _name_or_path(model: nn.Module) -> Optional[str]:
@@ -259,43 +270,21 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, t
     by_path = validate(model, cfg, tensors, str(weights_file), strict=strict)
     paths = resolve_targets(model, cfg)
     saved = resolve_saved(model, cfg)
-    _apply(model, cfg, name, paths, saved, by_path, trainable)
+    add_adapter(model, cfg, name, paths, saved, trainable, fill=lambda m: _fill(m, name, paths, saved, by_path))
     return name
 
 
-def _apply(model, cfg, name, paths, saved, by_path, trainable) -> None:
-    """Mutate the model; undone completely if anything goes wrong half way."""
-    before = {p: m for p, m in walk(model)}
-    had_state = find_state(model)
-    state = ensure_state(model)
-    active_before = state.active
-    try:
-        add_adapter_layers(model, state, cfg, name, paths, saved, trainable)
-        with torch.no_grad():
-            for path in paths:
-                layer = model.get_submodule(path)
-                a = layer.adapters[name]
-                a.lora_A.copy_(by_path[f"{path}.{layer.peft_a_key}"])
-                a.lora_B.copy_(by_path[f"{path}.{layer.peft_b_key}"])
-            for path in saved:
-                for pname, p in model.get_submodule(path).copies[name].named_parameters():
-                    if f"{path}.{pname}" in by_path:
-                        p.copy_(by_path[f"{path}.{pname}"])
-    except BaseException:
-        _rollback(model, name, before, state, active_before, had_state)
-        raise
-
-
-def _rollback(model, name, before, state, active_before, had_state) -> None:
-    for path, m in list(walk(model)):
-        if isinstance(m, LoraLayer) and name in m.adapters:
-            del m.adapters[name]
-        if isinstance(m, SavedModule) and name in m.copies:
-            del m.copies[name]
-        if isinstance(m, (LoraLayer, SavedModule)) and path in before and before[path] is not m:
-            parent, leaf = get_submodule_parent(model, path)
-            setattr(parent, leaf, before[path])
-    state.configs.pop(name, None)
-    state.active = active_before
-    if had_state is None:
-        model.__dict__.pop("_lorakit_state", None)
+@torch.no_grad()
+def _fill(model: nn.Module, name: str, paths: list[str], saved: list[str], by_path: dict) -> None:
+    """Copy validated tensors into adapter ``name`` (keys absent with strict=False keep their init:
+    B = 0, so such a layer adds nothing)."""
+    for path in paths:
+        layer = model.get_submodule(path)
+        a = layer.adapters[name]
+        for param, key in ((a.lora_A, f"{path}.{layer.peft_a_key}"), (a.lora_B, f"{path}.{layer.peft_b_key}")):
+            if key in by_path:
+                param.copy_(by_path[key])
+    for path in saved:
+        for pname, p in model.get_submodule(path).copies[name].named_parameters():
+            if f"{path}.{pname}" in by_path:
+                p.copy_(by_path[f"{path}.{pname}"])

@@ -96,8 +96,9 @@ class LoraLayer(nn.Module):
         return adapter_shapes(self.base, r)
 
     # -- overridden per kind -----------------------------------------------------------
-    def delta_weight(self, name: str) -> Tensor:
-        """The update in the base weight's own layout and dtype."""
+    def delta_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The update s B A of adapter ``name`` in the base weight's own layout, computed in
+        float32 and returned in ``dtype`` (default: the base weight's dtype)."""
         raise NotImplementedError(f"{type(self).__name__} must define delta_weight")
 
     @property
@@ -129,22 +130,25 @@ class LoraLayer(nn.Module):
     # -- merge --------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W0 += delta of ``name``. A second merge is refused by the caller (adapters.merge)."""
+        """W0 += s B A of ``name``, summed in float32 and rounded once to W0's dtype.
+
+        Refuses a second merge (never a silent double add); a layer without ``name`` is left alone.
+        """
         if self.merged_name is not None:
-            raise MergedStateError(f"{self.merged_name!r} is already merged into this layer")
+            raise MergedStateError(f"adapter {self.merged_name!r} is already merged into this layer; unmerge first")
         if name not in self.adapters:
             return
         w = self.base.weight
-        w.copy_((w.float() + self.delta_weight(name).float()).to(w.dtype))
+        w.copy_((w.float() + self.delta_weight(name, torch.float32)).to(w.dtype))
         self.merged_name = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 -= delta of the merged adapter (W0 comes back within float rounding)."""
+        """W0 -= s B A of the merged adapter (W0 comes back within float rounding)."""
         if self.merged_name is None:
             return
         w = self.base.weight
-        w.copy_((w.float() - self.delta_weight(self.merged_name).float()).to(w.dtype))
+        w.copy_((w.float() - self.delta_weight(self.merged_name, torch.float32)).to(w.dtype))
         self.merged_name = None
 
     def extra_repr(self) -> str:
@@ -168,10 +172,10 @@ class LoraLinear(LoraLayer):
         w = self.base.weight
         return w.t() if self.fan_in_fan_out else w
 
-    def delta_weight(self, name: str) -> Tensor:
+    def delta_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> Tensor:
         a = self.adapters[name]
         delta = ops.linear_delta_weight(a.lora_A.float(), a.lora_B.float(), a.scale)  # (d, k)
-        return (delta.t() if self.fan_in_fan_out else delta).to(self.base.weight.dtype)
+        return (delta.t() if self.fan_in_fan_out else delta).to(dtype or self.base.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state.rows is not None and self.merged_name is None and not self.state.disabled:
@@ -189,10 +193,11 @@ class LoraEmbedding(LoraLayer):
     peft_a_key = "lora_embedding_A"
     peft_b_key = "lora_embedding_B"
 
-    def delta_weight(self, name: str) -> Tensor:
+    def delta_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> Tensor:
         a = self.adapters[name]
         # (num_embeddings, dim) = (s B A)^T
-        return ops.linear_delta_weight(a.lora_A.float(), a.lora_B.float(), a.scale).t().to(self.base.weight.dtype)
+        delta = ops.linear_delta_weight(a.lora_A.float(), a.lora_B.float(), a.scale).t()
+        return delta.to(dtype or self.base.weight.dtype)
 
     def embed_kwargs(self) -> dict:
         b = self.base
@@ -217,15 +222,14 @@ class LoraConv(LoraLayer):
 
     def __init__(self, base: nn.Module, state: LoraState) -> None:
         super().__init__(base, state)
-        if base.groups != 1:
-            raise UnsupportedModule(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
-        if base.padding_mode != "zeros":
-            raise UnsupportedModule(f"LoRA on convolutions with padding_mode={base.padding_mode!r} is not supported")
+        reason = unsupported_reason(base)
+        if reason:
+            raise UnsupportedModule(f"cannot adapt this {type(base).__name__}: {reason}")
         self._conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
 
-    def delta_weight(self, name: str) -> Tensor:
+    def delta_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> Tensor:
         a = self.adapters[name]
-        return ops.conv_delta_weight(a.lora_A.float(), a.lora_B.float(), a.scale).to(self.base.weight.dtype)
+        return ops.conv_delta_weight(a.lora_A.float(), a.lora_B.float(), a.scale).to(dtype or self.base.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state.rows is not None and self.merged_name is None and not self.state.disabled:
@@ -285,6 +289,16 @@ def supported_base(module: nn.Module) -> Optional[type]:
         return LoraConv
     if _is_gpt2_conv1d(module):
         return LoraLinear
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why a module of a supported type still cannot be adapted, or None when it can."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1:
+            return f"grouped convolutions (groups={module.groups}) are not supported"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
     return None
 
 

@@ -75,48 +75,46 @@ class ParameterReport:
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
-    """Every parameter of ``model`` with its shape, count, and whether it trains."""
+    """Every parameter of ``model`` with its shape, count, and whether it trains.
+
+    Rows use the model's own module paths (lorakit's ``.base`` / ``.adapters.<name>``
+    wrappers are hidden) and name the adapter a parameter belongs to; tied weights count once.
+    """
     rows, seen = [], set()
-    owners = _owners(model)
+    prefixes = _wrapper_prefixes(model)
     for name, p in model.named_parameters():
         if id(p) in seen:     # tied weights count once
             continue
         seen.add(id(p))
-        module, _, pname = name.rpartition(".")
-        adapter = owners.get(id(p))
-        rows.append(ReportRow(_clean(module), pname, adapter, tuple(p.shape), p.numel(), p.requires_grad))
+        module, adapter, pname = _split(name, prefixes)
+        rows.append(ReportRow(module, pname, adapter, tuple(p.shape), p.numel(), p.requires_grad))
     return ParameterReport(rows)
 
 
-def _owners(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> adapter name, for LoRA and modules_to_save copies."""
-    owners = {}
-    for m in model.modules():
+def _wrapper_prefixes(model: nn.Module) -> list[tuple[str, str, Optional[str]]]:
+    """(parameter-name prefix inside a wrapper, the model's module path, adapter name or None),
+    longest prefixes first."""
+    from .inject import walk
+    out = []
+    for path, m in walk(model):
         if isinstance(m, LoraLayer):
-            for aname, a in m.adapters.items():
-                for p in a.parameters():
-                    owners[id(p)] = aname
+            out.append((f"{path}.base.", path, None))
+            out += [(f"{path}.adapters.{a}.", path, a) for a in m.adapters]
         elif isinstance(m, SavedModule):
-            for aname, c in m.copies.items():
-                for p in c.parameters():
-                    owners[id(p)] = aname
-    return owners
+            out.append((f"{path}.base.", path, None))
+            out += [(f"{path}.copies.{a}.", path, a) for a in m.copies]
+    return sorted(out, key=lambda t: -len(t[0]))
 
 
-def _clean(module_path: str) -> str:
-    """Show the model's own path: drop lorakit's internal '.base' / '.adapters.<name>' parts."""
-    parts = module_path.split(".")
-    out, i = [], 0
-    while i < len(parts):
-        if parts[i] in ("adapters", "copies") and i + 1 < len(parts):
-            i += 2
-            continue
-        if parts[i] == "base":
-            i += 1
-            continue
-        out.append(parts[i])
-        i += 1
-    return ".".join(out)
+def _split(name: str, prefixes) -> tuple[str, Optional[str], str]:
+    """A parameter's (module path as the user sees it, adapter name, parameter name)."""
+    for prefix, path, adapter in prefixes:
+        if name.startswith(prefix):
+            rest = name[len(prefix):]                       # "weight", "lora_A", "0.weight", ...
+            sub, _, pname = rest.rpartition(".")
+            return (f"{path}.{sub}" if sub else path), adapter, pname
+    module, _, pname = name.rpartition(".")
+    return module, None, pname
 
 
 __all__ = ["ParameterReport", "ReportRow", "parameter_report"]
