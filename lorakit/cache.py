@@ -1,0 +1,366 @@
+"""The adapter cache: many adapters registered on one model, a few of them on the device.
+
+    lorakit.adapter_cache(model, max_resident=8)               # at most 8 adapters on the GPU
+    for name, path in adapters.items():
+        lorakit.load_adapter(model, path, name=name, device="cpu")   # pinned host memory
+    with lorakit.batch_adapters(model, ["sql", "js", None]):  # brings sql and js in
+        model.generate(...)
+
+* ``AdapterCache`` keeps, per model, the least-recently-used order of the adapters whose
+  weights are on the device. An adapter that is not resident lives in pinned host memory:
+  one flat buffer per dtype, so bringing it in is one asynchronous copy and pointing its
+  parameters at views of the device copy. Evicting copies the weights back to the host
+  only when they changed on the device (training), then frees the device copy.
+* ``RowPacks`` keeps, per model, the packed device copies that per-row batches of frozen
+  adapters read (lorakit.multi): for each LoRA layer A as (S, R, k) and B as (S, d, R),
+  one slot per adapter, ranks zero-padded to R. A slot is refreshed only when its adapter's
+  weights changed (tracked by each parameter's storage address and version counter), so a
+  stream of batches over the same adapters copies nothing.
+
+Both are attached to the model's shared LoraState (weakly: they go away with the model).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LoraError, preview
+from .layers import LoraAdapter, LoraLayer, LoraState
+
+_CACHES: "weakref.WeakKeyDictionary[LoraState, AdapterCache]" = weakref.WeakKeyDictionary()
+_PACKS: "weakref.WeakKeyDictionary[LoraState, RowPacks]" = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------------- row packs
+class RowPacks:
+    """Persistent packed copies of frozen adapters for per-row batches (see module docstring).
+
+    Slot 0 is always zero ("no adapter"); adapter names get slots 1, 2, ... model-wide.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self.free: list[int] = []
+        self.layers: "weakref.WeakKeyDictionary[LoraLayer, _LayerPack]" = weakref.WeakKeyDictionary()
+
+    def assign(self, names: list[str]) -> list[int]:
+        """The slot of each name, giving new names a free slot."""
+        out = []
+        for n in names:
+            s = self.slots.get(n)
+            if s is None:
+                s = self.free.pop() if self.free else len(self.slots) + len(self.free) + 1
+                self.slots[n] = s
+            out.append(s)
+        return out
+
+    def release(self, name: str) -> None:
+        """Forget ``name``'s slot (its contents are overwritten when the slot is reused)."""
+        s = self.slots.pop(name, None)
+        if s is not None:
+            self.free.append(s)
+            for pack in self.layers.values():
+                pack.marks.pop(s, None)
+                pack.stale.add(s)
+
+    def refresh(self, layer: LoraLayer, slot_adapters: list, R: int, dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's (A (S, R', k), B (S, d, R'), scale (S,)) with every given slot up to date.
+
+        slot_adapters: (slot, LoraAdapter or None) pairs; None leaves the slot zero here.
+        """
+        need = max(s for s, _ in slot_adapters) + 1
+        pack = self.layers.get(layer)
+        device = layer.base.weight.device
+        if pack is None or pack.A.shape[0] < need or pack.A.shape[1] < R or pack.A.dtype != dtype \
+                or pack.A.device != device:
+            pack = _LayerPack.grow(pack, layer, need, R, dtype, device)
+            self.layers[layer] = pack
+        for s, a in slot_adapters:
+            pack.put(s, a)
+        return pack.A, pack.B, pack.scale
+
+
+class _LayerPack:
+    def __init__(self, A: Tensor, B: Tensor, scale: Tensor) -> None:
+        self.A, self.B, self.scale = A, B, scale
+        self.marks: dict[int, tuple] = {}      # slot -> fingerprint of the adapter copied in
+        self.stale: set[int] = set()           # released slots whose contents are not zero
+
+    @staticmethod
+    def grow(old: Optional["_LayerPack"], layer: LoraLayer, need: int, R: int, dtype, device) -> "_LayerPack":
+        a_shape, b_shape = _pack_dims(layer)
+        S = max(need, 2 * old.A.shape[0] if old is not None else 4)
+        R = max(R, old.A.shape[1] if old is not None else R)
+        new = _LayerPack(torch.zeros((S, R, a_shape), dtype=dtype, device=device),
+                         torch.zeros((S, b_shape, R), dtype=dtype, device=device),
+                         torch.zeros(S, dtype=torch.float32, device=device))
+        if old is not None and old.A.device == device and old.A.dtype == dtype:
+            s, r = old.A.shape[:2]
+            new.A[:s, :r] = old.A
+            new.B[:s, :, :r] = old.B
+            new.scale[:s] = old.scale
+            new.marks, new.stale = old.marks, old.stale
+        return new
+
+    def put(self, s: int, a: Optional[LoraAdapter]) -> None:
+        if a is None:
+            if s in self.marks or s in self.stale:         # the slot held another adapter here
+                self.A[s].zero_()
+                self.B[s].zero_()
+                self.scale[s] = 0.0
+                self.marks.pop(s, None)
+                self.stale.discard(s)
+            return
+        A, B = a.lora_A, a.lora_B
+        mark = self.marks.get(s)
+        if mark is not None and mark[0]() is a and mark[1:] == _fingerprint(a):
+            return
+        with torch.no_grad():
+            self.A[s, :a.r].copy_(A)
+            self.A[s, a.r:].zero_()
+            self.B[s, :, :a.r].copy_(B)
+            self.B[s, :, a.r:].zero_()
+            self.scale[s] = float(a.scale)
+        self.marks[s] = (weakref.ref(a), *_fingerprint(a))
+        self.stale.discard(s)
+
+
+def _fingerprint(a: LoraAdapter) -> tuple:
+    A, B = a.lora_A, a.lora_B
+    return A.data_ptr(), A._version, B.data_ptr(), B._version, a.r, a.scale
+
+
+def _pack_dims(layer: LoraLayer) -> tuple[int, int]:
+    """(k, d) of the packed A (.., k) and B (d, ..): in/out features, or vocabulary/dim."""
+    w = layer.base.weight
+    if hasattr(layer, "in_features"):
+        return layer.in_features, layer.out_features
+    n, dim = w.shape                                            # nn.Embedding
+    return n, dim
+
+
+def row_packs(state: LoraState) -> RowPacks:
+    """The model's RowPacks (created on first use), with slots of deleted adapters released."""
+    packs = _PACKS.get(state)
+    if packs is None:
+        packs = _PACKS[state] = RowPacks()
+    for name in [n for n in packs.slots if n not in state.configs]:
+        packs.release(name)
+    return packs
+
+
+def clear_row_packs(model: nn.Module) -> None:
+    """Free the packed copies that per-row batches keep on the device (rebuilt when next needed)."""
+    from .inject import find_state
+    st = find_state(model)
+    if st is not None:
+        _PACKS.pop(st, None)
+
+
+# ---------------------------------------------------------------------------- host cache
+class _HostCopy:
+    """An adapter's parameters in pinned host memory: one flat buffer per dtype and the views."""
+
+    def __init__(self, params: list[nn.Parameter], pin: bool) -> None:
+        self.params = params
+        self.flats: dict[torch.dtype, Tensor] = {}
+        self.layout: list[tuple[nn.Parameter, torch.dtype, int]] = []
+        sizes: dict[torch.dtype, int] = {}
+        for p in params:
+            self.layout.append((p, p.dtype, sizes.get(p.dtype, 0)))
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        for dt, n in sizes.items():
+            self.flats[dt] = torch.empty(n, dtype=dt, pin_memory=pin)
+
+    def views(self, flats: dict) -> Iterable[tuple[nn.Parameter, Tensor]]:
+        for p, dt, off in self.layout:
+            yield p, flats[dt][off:off + p.numel()].view(p.shape)
+
+    @torch.no_grad()
+    def store(self) -> None:
+        """Copy the parameters' current values into the host buffers."""
+        for p, view in self.views(self.flats):
+            view.copy_(p.detach())
+
+    def point_home(self) -> None:
+        """Point every parameter (and its gradient) at the host copy, freeing the device copy."""
+        for p, view in self.views(self.flats):
+            if p.grad is not None:
+                p.grad = p.grad.to(view.device)
+            p.data = view
+
+
+class AdapterCache:
+    """Which adapters of one model sit on the device; at most ``max_resident`` (None: no limit).
+
+    Made by ``adapter_cache(model, ...)`` or by ``load_adapter(..., device="cpu")``. Adapters
+    added on the device (inject, a plain load_adapter) count as resident, most recent first.
+    """
+
+    def __init__(self, model: nn.Module, state: LoraState, device: torch.device,
+                 max_resident: Optional[int] = None) -> None:
+        self._model = weakref.ref(model)
+        self.state = state
+        self.device = torch.device(device)
+        self.max_resident = _check_max(max_resident)
+        self.lru: OrderedDict[str, None] = OrderedDict()      # resident names, least recent first
+        self.copies: dict[str, _HostCopy] = {}                # host copies (every non-resident name has one)
+        self.versions: dict[str, list[int]] = {}              # resident names: parameter versions on arrival
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Forget deleted adapters; count adapters added on the device since as resident."""
+        names = self.state.configs
+        for table in (self.copies, self.lru, self.versions):
+            for n in [n for n in table if n not in names]:
+                del table[n]
+        for n in names:
+            if n not in self.copies and n not in self.lru:
+                self.lru[n] = None
+
+    def resident(self) -> list[str]:
+        """Names of the adapters on the device, least recently used first."""
+        self._sync()
+        return list(self.lru)
+
+    def is_resident(self, name: str) -> bool:
+        self._sync()
+        return name in self.lru
+
+    def set_max_resident(self, max_resident: Optional[int]) -> None:
+        self.max_resident = _check_max(max_resident)
+        self._sync()
+        self._make_room([], 0)
+
+    # -- moves --------------------------------------------------------------------------
+    def fetch(self, names: Iterable[str]) -> None:
+        """Make every adapter in ``names`` resident, evicting the least recently used others."""
+        self._sync()
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if n not in self.state.configs]
+        if unknown:
+            raise LoraError(f"adapter cache: no adapter named {preview(unknown)}; adapters: {list(self.state.configs)}")
+        if self.max_resident is not None and len(names) > self.max_resident:
+            raise LoraError(f"one batch names {len(names)} distinct adapters but the adapter cache keeps at most "
+                            f"max_resident={self.max_resident} on {self.device}; raise it with "
+                            "lorakit.adapter_cache(model, max_resident=...) or split the batch")
+        missing = [n for n in names if n not in self.lru]
+        self._make_room(names, len(missing))
+        for n in missing:
+            self._bring_in(n)
+        for n in names:
+            self.lru.move_to_end(n)
+
+    def evict(self, name: str) -> None:
+        """Move adapter ``name`` to (pinned) host memory; the host copy is refreshed only when the
+        weights changed on the device since they arrived (training)."""
+        self._sync()
+        if name not in self.lru:
+            if name not in self.copies:
+                raise LoraError(f"adapter cache: no adapter named {name!r}; adapters: {list(self.state.configs)}")
+            return
+        copy = self.copies.get(name)
+        if copy is None:
+            copy = self.copies[name] = _HostCopy(self._params(name), pin=self._pin())
+            copy.store()
+        elif self.versions.get(name) != [p._version for p in copy.params]:
+            copy.store()
+        copy.point_home()
+        del self.lru[name]
+        self.versions.pop(name, None)
+        packs = _PACKS.get(self.state)
+        if packs is not None:
+            packs.release(name)
+
+    def _make_room(self, keep: list[str], incoming: int) -> None:
+        if self.max_resident is None:
+            return
+        while len(self.lru) + incoming > self.max_resident:
+            victim = next((n for n in self.lru if n not in keep), None)
+            if victim is None:
+                break
+            self.evict(victim)
+
+    def _bring_in(self, name: str) -> None:
+        """One asynchronous copy per dtype from pinned memory; the parameters become views of it."""
+        copy = self.copies[name]
+        flats = {dt: f.to(self.device, non_blocking=True, copy=True) for dt, f in copy.flats.items()}
+        for p, view in copy.views(flats):
+            if p.grad is not None:
+                p.grad = p.grad.to(self.device)
+            p.data = view
+        self.lru[name] = None
+        self.versions[name] = [p._version for p in copy.params]
+
+    def _params(self, name: str) -> list[nn.Parameter]:
+        from .adapters import adapter_parameters
+        model = self._model()
+        if model is None:
+            raise LoraError("adapter cache: the model was garbage-collected")
+        return list(adapter_parameters(model, name))
+
+    def _pin(self) -> bool:
+        return torch.cuda.is_available()
+
+    # -- loading hook -------------------------------------------------------------------
+    def register_on_host(self, name: str) -> None:
+        """Move a just-loaded adapter to (pinned) host memory (``load_adapter(..., device="cpu")``)."""
+        self._sync()
+        self.evict(name)
+
+
+def _check_max(max_resident) -> Optional[int]:
+    if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int)
+                                     or max_resident < 1):
+        raise LoraError(f"max_resident must be an integer >= 1 or None, got {max_resident!r}")
+    return max_resident
+
+
+def cache_of(state: LoraState) -> Optional[AdapterCache]:
+    """The cache attached to a model's state, or None."""
+    return _CACHES.get(state)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    from .inject import lora_layers
+    for _, layer in lora_layers(model):
+        return layer.base.weight.device
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def adapter_cache(model: nn.Module, max_resident: Optional[int] = None,
+                  device: Union[str, torch.device, None] = None) -> AdapterCache:
+    """The model's adapter cache, created on first call. ``max_resident``: at most that many
+    adapters on ``device`` (default: where the base weights are); the least recently used
+    move to pinned host memory. Calling again with ``max_resident`` changes the limit."""
+    from .adapters import _state
+    st = _state(model)
+    cache = _CACHES.get(st)
+    if cache is None:
+        cache = _CACHES[st] = AdapterCache(model, st, device or _model_device(model), max_resident)
+        cache._make_room([], 0)
+    elif max_resident is not None:
+        cache.set_max_resident(max_resident)
+    return cache
+
+
+def place_loaded_adapter(model: nn.Module, name: str, device) -> None:
+    """load_adapter's hook: ``device="cpu"`` keeps adapter ``name`` in (pinned) host memory,
+    registered with the model's cache; any other device must be the model's."""
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type == "cpu":
+        adapter_cache(model).register_on_host(name)
+        return
+    target = _model_device(model)
+    if device != target and not (device.index is None and device.type == target.type):
+        raise LoraError(f"load_adapter(device={str(device)!r}): the model's LoRA layers are on {target}; pass "
+                        f"device='cpu' to keep the adapter in host memory or device=None")
