@@ -184,7 +184,10 @@ class LoraLinear(LoraLayer):
         if a is None:
             return self.base(x)
         x_drop = F.dropout(x, a.dropout, self.training) if a.dropout > 0 and self.training else None
-        return ops.lora_linear(x, self.base_weight_dk(), self.base.bias, a.lora_A, a.lora_B, a.scale, x_drop)
+        # Under torch.compile the readable reference is traced (the compiler fuses it); the fast
+        # autograd.Function is for eager mode (Dynamo cannot trace it with x passed twice).
+        fn = ops.lora_linear_reference if torch.compiler.is_compiling() else ops.lora_linear
+        return fn(x, self.base_weight_dk(), self.base.bias, a.lora_A, a.lora_B, a.scale, x_drop)
 
 
 class LoraEmbedding(LoraLayer):
@@ -210,7 +213,8 @@ class LoraEmbedding(LoraLayer):
         a = self.active_adapter()
         if a is None:
             return self.base(ids)
-        return ops.lora_embedding(ids, self.base.weight, a.lora_A, a.lora_B, a.scale, **self.embed_kwargs())
+        fn = ops.lora_embedding_reference if torch.compiler.is_compiling() else ops.lora_embedding
+        return fn(ids, self.base.weight, a.lora_A, a.lora_B, a.scale, **self.embed_kwargs())
 
 
 class LoraConv(LoraLayer):
