@@ -124,10 +124,12 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             "transformers Conv1D; narrow target_modules or add these to exclude_modules.")
     if not found:
         leaf_names = sorted({p.rsplit(".", 1)[-1] for p, m in walk(model) if supported_base(base_of(m))})
+        hint = (" lorakit adapts the submodules of the model it is given; to adapt a single layer, put it in a "
+                "container first, e.g. nn.Sequential(layer)." if supported_base(model) else "")
         raise TargetNotFound(
             f"target_modules {targets!r} matched no module of {type(model).__name__}"
             + (f" (exclude_modules={cfg.exclude_modules!r})" if cfg.exclude_modules else "")
-            + f". Adaptable module names in this model: {preview(leaf_names, 20)}")
+            + f". Adaptable module names in this model: {preview(leaf_names, 20)}." + hint)
     return found
 
 
