@@ -345,22 +345,30 @@ def adapter_cache(model: nn.Module, max_resident: Optional[int] = None,
     cache = _CACHES.get(st)
     if cache is None:
         cache = _CACHES[st] = AdapterCache(model, st, device or _model_device(model), max_resident)
-        cache._make_room([], 0)
+        cache.set_max_resident(max_resident)
     elif max_resident is not None:
         cache.set_max_resident(max_resident)
     return cache
 
 
-def place_loaded_adapter(model: nn.Module, name: str, device) -> None:
-    """load_adapter's hook: ``device="cpu"`` keeps adapter ``name`` in (pinned) host memory,
-    registered with the model's cache; any other device must be the model's."""
+def check_load_device(model: nn.Module, device) -> None:
+    """load_adapter's check, before any change: ``device`` is None, "cpu", or the model's device."""
     if device is None:
         return
-    device = torch.device(device)
-    if device.type == "cpu":
-        adapter_cache(model).register_on_host(name)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LoraError(f"load_adapter(device={device!r}): not a device ({e})") from None
+    if dev.type == "cpu":
         return
     target = _model_device(model)
-    if device != target and not (device.index is None and device.type == target.type):
-        raise LoraError(f"load_adapter(device={str(device)!r}): the model's LoRA layers are on {target}; pass "
-                        f"device='cpu' to keep the adapter in host memory or device=None")
+    if dev.type != target.type or (dev.index is not None and dev.index != target.index):
+        raise LoraError(f"load_adapter(device={str(dev)!r}): the model's weights are on {target}; pass "
+                        "device='cpu' to keep the adapter in host memory, or leave device=None")
+
+
+def place_loaded_adapter(model: nn.Module, name: str, device) -> None:
+    """load_adapter's hook, after the adapter was added: ``device="cpu"`` moves its weights to
+    (pinned) host memory and registers it, non-resident, with the model's adapter cache."""
+    if device is not None and torch.device(device).type == "cpu":
+        adapter_cache(model).register_on_host(name)

@@ -247,12 +247,15 @@ def validate(model: nn.Module, cfg: LoraConfig, tensors: dict[str, torch.Tensor]
 
 
 def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, trainable: bool = False,
-                 strict: bool = True, dtype: Optional[torch.dtype] = None) -> str:
+                 strict: bool = True, dtype: Optional[torch.dtype] = None,
+                 device: Union[str, torch.device, None] = None) -> str:
     """Add the adapter saved at ``path`` (PEFT layout) to ``model`` under ``name``; returns the name.
 
     LoRA layers are injected where needed. The first adapter on a model becomes active;
     later ones do not (use set_adapter). Loaded adapters are frozen unless ``trainable``.
     Everything is validated first: on any error the model is unchanged.
+    ``device="cpu"`` keeps the weights in pinned host memory, registered with the model's
+    adapter cache (lorakit.cache): a per-row batch naming the adapter brings it in.
     """
     name = "default" if name is None else name
     check_adapter_name(name)
@@ -270,7 +273,10 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, t
     by_path = validate(model, cfg, tensors, str(weights_file), strict=strict)
     paths = resolve_targets(model, cfg)
     saved = resolve_saved(model, cfg)
+    from .cache import check_load_device, place_loaded_adapter   # lorakit.cache: device="cpu" (issue 6)
+    check_load_device(model, device)
     add_adapter(model, cfg, name, paths, saved, trainable, fill=lambda m: _fill(m, name, paths, saved, by_path))
+    place_loaded_adapter(model, name, device)
     return name
 
 
