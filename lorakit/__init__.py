@@ -21,6 +21,8 @@ from .errors import (AdapterExists, AdapterFormatError, AdapterNotFound, ConfigE
 from .inject import inject
 from .io import load_adapter, lora_state_dict, save_adapter
 from .layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraState, SavedModule
+from .multi import RowPlan, batch_adapters
+from .cache import AdapterCache, adapter_cache
 from .report import ParameterReport, parameter_report
 
 __version__ = "0.1.0"
@@ -33,4 +35,5 @@ __all__ = [
     "LoraAdapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraState", "SavedModule",
     "LoraError", "ConfigError", "TargetNotFound", "UnsupportedModule", "AdapterNotFound", "AdapterExists",
     "ShapeMismatch", "AdapterFormatError", "MergedStateError",
+    "batch_adapters", "RowPlan", "adapter_cache", "AdapterCache",
 ]
