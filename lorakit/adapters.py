@@ -144,6 +144,7 @@ def merge(model: nn.Module, name: Optional[str] = None) -> None:
         raise MergedStateError(f"adapter {st.merged!r} is already merged; call lorakit.unmerge(model) first")
     if st.rows is not None:
         raise MergedStateError("cannot merge inside batch_adapters")
+    _refuse_tied(model, name)
     layers = [layer for _, layer in lora_layers(model)]
     done = []
     try:
@@ -156,6 +157,23 @@ def merge(model: nn.Module, name: Optional[str] = None) -> None:
         raise
     st.merged = name
     st.active = name
+
+
+def _refuse_tied(model: nn.Module, name: str) -> None:
+    """Merging into a weight shared with another module (GPT-2's wte and lm_head) would change
+    that module too, so the merged model would compute something else: refuse, before any change."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    tied = []
+    for path, layer in lora_layers(model):
+        if name in layer.adapters and len(owners.get(id(layer.base.weight), ())) > 1:
+            others = [n for n in owners[id(layer.base.weight)] if not n.startswith(path + ".")]
+            tied.append(f"{path}.weight is tied to {', '.join(others)}")
+    if tied:
+        raise LoraError(f"cannot merge adapter {name!r}: " + "; ".join(tied) + ". Merging would change the "
+                        "tied modules as well. Keep the adapter unmerged, or untie the weights first "
+                        "(e.g. model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())).")
 
 
 def unmerge(model: nn.Module) -> None:
