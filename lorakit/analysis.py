@@ -233,8 +233,9 @@ def _from_module(model: nn.Module, source: str) -> Checkpoint:
 
 
 def _task_type(arch: str) -> Optional[str]:
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS")):
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                         ("ForTokenClassification", "TOKEN_CLS")):
         if arch.endswith(suffix):
             return task
     return None
