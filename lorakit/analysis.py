@@ -472,46 +472,6 @@ def _to_module_shapes(kind: str, weight_shape: torch.Size, A: Tensor, B: Tensor)
     return A, B
 
 
-# ------------------------------------------------------------------------------ figure
-def plot_spectra(layers: Sequence[LayerAnalysis], path: Union[str, Path], title: str = "") -> Path:
-    """Save a PNG: normalised singular values s_i / s_1 (log scale) and cumulative energy per layer.
-
-    Uses matplotlib's Agg canvas directly (no pyplot, so no global backend change)."""
-    import io as _io
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from .io import atomic_write_bytes
-    fig = Figure(figsize=(12, 4.5))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    cmap = matplotlib.colormaps["viridis"]
-    few = 0 < len(layers) <= 12
-    for i, layer in enumerate(layers):
-        s = layer.singular_values.double()
-        if s.numel() == 0 or float(s[0]) == 0.0:
-            continue
-        color, label = cmap(i / max(len(layers) - 1, 1)), (layer.name if few else None)
-        r = torch.arange(1, s.numel() + 1).numpy()
-        ax1.plot(r, (s / s[0]).clamp_min(1e-12).numpy(), color=color, lw=1, label=label)
-        ax2.plot(r, energy(s).numpy(), color=color, lw=1, label=label)
-    for thr in (0.9, 0.99):
-        ax2.axhline(thr, color="gray", ls="--", lw=0.8)
-    ax1.set(xlabel="index i", ylabel="s_i / s_1", title="singular value spectra", xscale="log", yscale="log")
-    ax2.set(xlabel="rank r", ylabel="energy kept", title="cumulative energy", xscale="log", ylim=(0, 1.02))
-    if few:
-        ax2.legend(fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 __all__ = ["CheckpointError", "Checkpoint", "LowRank", "LayerAnalysis", "ExtractedLayer", "Extraction",
            "singular_values", "energy", "effective_rank", "relative_error", "numerical_rank", "truncated_svd",
-           "load_checkpoint", "pair_checkpoints", "analyze", "analyze_layer", "extract_lora", "plot_spectra"]
+           "load_checkpoint", "pair_checkpoints", "changed_others", "analyze", "analyze_layer", "extract_lora"]

@@ -106,3 +106,10 @@ def test_extract_dtype_and_identical_checkpoints(tmp_path, checkpoints):
         assert f.get_slice("base_model.model.layers.0.lora_A.weight").get_shape() == [4, 16]
     with pytest.raises(lorakit.LoraError, match="nothing to extract"):
         extract.run(parse(extract, "--base", b, "--tuned", b, "--rank", 2, "--out", tmp_path / "x", "--quiet"))
+
+
+def test_plot_spectra_writes_png(tmp_path, checkpoints):
+    from lorakit.analysis import analyze as run_analysis
+    b, t, *_ = checkpoints
+    out = analyze.plot_spectra(run_analysis(b, t), tmp_path / "fig" / "s.png", "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

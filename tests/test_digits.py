@@ -111,7 +111,7 @@ def test_mnist_end_to_end(tmp_path):
 
 # ------------------------------------------------------------------------------ digits data
 def test_digits_split_is_seeded_stratified_and_disjoint():
-    a, b, c = digits.load_data("digits", None, 0), digits.load_data("digits", None, 0), digits.load_data("digits", None, 1)
+    a, b, c = (digits.load_data("digits", None, seed) for seed in (0, 0, 1))
     assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
     assert not torch.equal(a.y_test, c.y_test) or not torch.equal(a.x_test, c.x_test)
     assert len(a.x_train) + len(a.x_test) == 1797 and a.n_features == 64

@@ -84,7 +84,7 @@ def run(args) -> int:
             print(f"{len(others)} other tensors changed too (biases, norms, ...; not analysed): "
                   + ", ".join(others[:8]) + (" ..." if len(others) > 8 else ""))
     if not args.no_png:
-        png = analysis.plot_spectra(layers, args.png, f"singular values of the {'update' if tuned else 'weights'}")
+        png = plot_spectra(layers, args.png, f"singular values of the {'update' if tuned else 'weights'}")
         if not quiet:
             print(f"Spectra: {png}")
     if args.json:
@@ -107,3 +107,44 @@ def summary(layers, thresholds) -> str:
         out.append(f"effective rank at {t:g} energy: median {ranks[len(ranks) // 2]}, max {ranks[-1]} "
                    f"(of full rank up to {max(x.full_rank for x in layers)})")
     return "\n".join(out)
+
+
+def plot_spectra(layers, path, title: str = "") -> Path:
+    """Save a PNG: normalised singular values s_i / s_1 (log scale) and cumulative energy per layer.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, so no global backend change)."""
+    import io as _io
+    import matplotlib
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from ..analysis import energy
+    from ..io import atomic_write_bytes
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    cmap = matplotlib.colormaps["viridis"]
+    few = 0 < len(layers) <= 12
+    for i, layer in enumerate(layers):
+        s = layer.singular_values.double()
+        if s.numel() == 0 or float(s[0]) == 0.0:
+            continue
+        color, label = cmap(i / max(len(layers) - 1, 1)), (layer.name if few else None)
+        r = torch.arange(1, s.numel() + 1).numpy()
+        ax1.plot(r, (s / s[0]).clamp_min(1e-12).numpy(), color=color, lw=1, label=label)
+        ax2.plot(r, energy(s).numpy(), color=color, lw=1, label=label)
+    for thr in (0.9, 0.99):
+        ax2.axhline(thr, color="gray", ls="--", lw=0.8)
+    ax1.set(xlabel="index i", ylabel="s_i / s_1", title="singular value spectra", xscale="log", yscale="log")
+    ax2.set(xlabel="rank r", ylabel="energy kept", title="cumulative energy", xscale="log", ylim=(0, 1.02))
+    if few:
+        ax2.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

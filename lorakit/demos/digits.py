@@ -29,9 +29,6 @@ from typing import Any, Callable, Optional
 
 from ..errors import ConfigError, LoraError
 
-TARGETS = ["linear1", "linear2", "linear3"]
-
-
 @dataclass
 class DigitsConfig:
     """Settings of the experiment (the command-line flags of ``lorakit demo digits``)."""
@@ -142,6 +139,7 @@ def _adam(params, lr: float):
 def evaluate(model, x, y):
     """(logits (N, 10), accuracy, wrong counts per true digit [10 ints])."""
     import torch
+    model.eval()
     with torch.no_grad():
         logits = model(x)
     wrong = logits.argmax(-1) != y
@@ -184,10 +182,10 @@ def _experiment(cfg: DigitsConfig, log: Callable[[str], None]) -> dict:
 
     worst = max(range(10), key=lambda d: (wrong_before[d], -d))
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
-    log(f"\n[2/7] Worst digit: {worst} ({wrong_before[worst]} wrong). LoRA r={cfg.rank}, alpha={alpha:g} "
-        f"on {', '.join(TARGETS[:model.n_layers] if model.n_layers <= 3 else ['every linear'])}")
-    originals = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]
     targets = [f"linear{i}" for i in range(1, model.n_layers + 1)]
+    log(f"\n[2/7] Worst digit: {worst} ({wrong_before[worst]} wrong). LoRA r={cfg.rank}, alpha={alpha:g} "
+        f"on {', '.join(targets)}")
+    originals = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]   # the copy to compare with
     lorakit.inject(model, lorakit.LoraConfig(r=cfg.rank, alpha=alpha, target_modules=targets))
     report = lorakit.parameter_report(model)
     log(str(report))
@@ -195,6 +193,8 @@ def _experiment(cfg: DigitsConfig, log: Callable[[str], None]) -> dict:
         f"(+{100.0 * report.lora / report.base:.3f}%); trainable {report.trainable:,}")
 
     mask = data.y_train == worst
+    if not bool(mask.any()):
+        raise DatasetError(f"{data.name}: the training split has no example of digit {worst} to fine-tune on")
     log(f"\n[3/7] Fine-tune only A and B on the {int(mask.sum())} training examples of digit {worst}, "
         f"{cfg.steps} steps")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -365,7 +365,8 @@ def load_mnist(data_dir: Optional[str]):
             raise DatasetError(f"{found[fi]} / {found[fl]}: expected images (N, rows, cols) and labels (N,), got "
                                f"{list(images.shape)} and {list(labels.shape)}")
         if labels.size and (labels.min() < 0 or labels.max() > 9):
-            raise DatasetError(f"{found[fl]}: labels must be digits 0..9, found {int(labels.min())}..{int(labels.max())}")
+            raise DatasetError(f"{found[fl]}: labels must be digits 0..9, "
+                               f"found {int(labels.min())}..{int(labels.max())}")
         out += [images.reshape(len(images), -1) / 255.0, labels]
     if out[0].shape[1] != out[2].shape[1]:
         raise DatasetError(f"{folder}: train images have {out[0].shape[1]} pixels, test images {out[2].shape[1]}")
