@@ -24,6 +24,16 @@ AdapterDType = Literal["auto", "float32", "bfloat16", "float16"]
 Patterns = Union[list[str], str, None]
 
 _INITS = ("kaiming", "gaussian")
+
+# PEFT fields that change which layers are adapted or what they compute (PEFT marks most as
+# "is_lora_variant"); a file that enables one is refused rather than loaded as plain LoRA.
+# Fields that only choose an initialisation (init_lora_weights, loftq/eva/corda/lora_ga configs)
+# or a training-time backward (velora_config: its eval forward is plain LoRA) do not matter
+# when the weights come from the file.
+_UNSUPPORTED_PEFT_FIELDS = ("use_dora", "layers_to_transform", "layers_pattern", "layer_replication",
+                            "target_parameters", "trainable_token_indices", "lora_bias", "use_qalora",
+                            "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config",
+                            "monteclora_config")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -170,9 +180,7 @@ class LoraConfig:
         peft_type = d.get("peft_type")
         if peft_type != "LORA":
             raise ConfigError(f"{source}: peft_type must be 'LORA', got {peft_type!r}")
-        unsupported = [k for k in ("use_dora", "layers_to_transform", "layers_pattern", "layer_replication",
-                                   "target_parameters", "trainable_token_indices", "lora_bias", "use_qalora")
-                       if d.get(k) not in (None, False, [], {})]
+        unsupported = [k for k in _UNSUPPORTED_PEFT_FIELDS if d.get(k) not in (None, False, [], {})]
         if unsupported:
             raise ConfigError(f"{source}: LoRA variants lorakit does not support yet are enabled: "
                               + ", ".join(f"{k}={d[k]!r}" for k in unsupported))

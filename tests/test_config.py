@@ -100,6 +100,8 @@ def test_peft_dict_round_trip():
     ({"peft_type": "LORA", "r": 0}, "r must be an integer >= 1, got 0"),
     ({"peft_type": "LORA", "r": 8, "use_dora": True}, "use_dora=True"),
     ({"peft_type": "LORA", "r": 8, "layers_to_transform": [0]}, "layers_to_transform=[0]"),
+    ({"peft_type": "LORA", "alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens=[1, 2]"),
+    ({"peft_type": "LORA", "kasa_config": {"x": 1}}, "kasa_config="),
     ({"peft_type": "LORA", "r": 8, "bias": "all"}, "bias must be 'none'"),
     ({"peft_type": "LORA", "fan_in_fan_out": "yes"}, "fan_in_fan_out must be a bool"),
     ([1, 2], "expected a JSON object, got list"),
