@@ -142,14 +142,23 @@ class Checkpoint:
 
     def matrix(self, path: str, dtype: torch.dtype = torch.float32) -> Tensor:
         """The (d, k) matrix view of the module's weight (see the module docstring)."""
-        kind, key = self.modules[path]
-        w = self.tensors[key].to(dtype)
-        if kind in ("conv1d", "embedding"):
-            return w.t()
-        return w.flatten(1) if kind == "conv" else w
+        return matrix_view(self.modules[path][0], self.raw(path)).to(dtype)
 
     def raw(self, path: str) -> Tensor:
+        """The module's weight as stored."""
         return self.tensors[self.modules[path][1]]
+
+    def shape(self, path: str) -> tuple:
+        """The stored weight's shape, without reading it from a file."""
+        return _shape(self.tensors, self.modules[path][1])
+
+
+def matrix_view(kind: str, w: Tensor) -> Tensor:
+    """A stored weight as the (d, k) matrix LoRA approximates: Conv1D (k, d) and Embedding (num, dim)
+    transposed, a convolution (out, in, *kernel) flattened to (out, in * prod(kernel))."""
+    if kind in ("conv1d", "embedding"):
+        return w.t()
+    return w.flatten(1) if kind == "conv" else w
 
 
 class _LazyFiles(Mapping):
@@ -270,8 +279,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> list[str]:
     """Module paths common to both, in base order; raises listing every mismatch at once."""
     missing = [p for p in base.modules if p not in tuned.modules]
     extra = [p for p in tuned.modules if p not in base.modules]
-    shapes = [f"{p}: {list(base.raw(p).shape)} vs {list(tuned.raw(p).shape)}" for p in base.modules
-              if p in tuned.modules and base.raw(p).shape != tuned.raw(p).shape]
+    shapes = [f"{p}: {list(base.shape(p))} vs {list(tuned.shape(p))}" for p in base.modules
+              if p in tuned.modules and base.shape(p) != tuned.shape(p)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} weights only in the base: {preview(missing)}")
@@ -385,8 +394,8 @@ class ExtractedLayer:
     kind: str
     shape: tuple          # (d, k) of the matrix view
     rank: int             # rank kept (<= requested; zero-padded up to it in the file)
-    relative_error: float         # ||dW - B A||_F / ||dW||_F
-    relative_weight_error: float  # ||dW - B A||_F / ||W_tuned||_F: how far the adapted base is from tuned
+    relative_error: float         # ||dW - B A||_F / ||dW||_F, with B, A as saved (their dtype included)
+    relative_weight_error: float  # ||dW - B A||_F / ||W_tuned||_F: how far base + B A is from W_tuned
 
 
 @dataclass
@@ -427,24 +436,26 @@ def extract_lora(base, tuned, rank: int, out: Union[str, Path], include: Optiona
     paths = _select(pair_checkpoints(b, t), include, exclude)
     layers, unchanged, not_captured, tensors = [], [], [], {}
     for path in _progress(paths, progress, "extract"):
-        kind = b.modules[path][0]
-        if torch.equal(b.raw(path), t.raw(path)):
+        kind, raw_base, raw_tuned = b.modules[path][0], b.raw(path), t.raw(path)
+        if torch.equal(raw_base, raw_tuned):
             unchanged.append(path)
             continue
         if kind not in EXTRACTABLE:
             not_captured.append(b.modules[path][1])
             continue
-        w_base, w_tuned = b.matrix(path).to(device), t.matrix(path).to(device)
-        low = truncated_svd(w_tuned - w_base, rank)
-        B, A = low.lora_factors(rank)
-        err = float((w_tuned - w_base - B @ A).double().norm())
-        layers.append(ExtractedLayer(path, kind, tuple(w_base.shape), low.S.numel(), low.error,
+        w_tuned = matrix_view(kind, raw_tuned).to(device, torch.float32)                  # (d, k)
+        delta = w_tuned - matrix_view(kind, raw_base).to(device, torch.float32)          # dW (d, k)
+        low = truncated_svd(delta, rank)
+        out_dtype = dtype or raw_base.dtype
+        B, A = (f.to(out_dtype) for f in low.lora_factors(rank))                         # (d, rank), (rank, k)
+        err = float((delta - B.float() @ A.float()).double().norm())   # what the saved factors really give
+        layers.append(ExtractedLayer(path, kind, tuple(delta.shape), low.S.numel(),
+                                     err / max(float(delta.double().norm()), 1e-300),
                                      err / max(float(w_tuned.double().norm()), 1e-300)))
         a_key, b_key = _PEFT_KEYS.get(kind, ("lora_A.weight", "lora_B.weight"))
-        A, B = _to_module_shapes(kind, b.raw(path).shape, A, B)
-        out_dtype = dtype or b.raw(path).dtype
-        tensors[f"{PREFIX}{path}.{a_key}"] = A.to("cpu", out_dtype).contiguous()
-        tensors[f"{PREFIX}{path}.{b_key}"] = B.to("cpu", out_dtype).contiguous()
+        A, B = _to_module_shapes(kind, raw_base.shape, A, B)
+        tensors[f"{PREFIX}{path}.{a_key}"] = A.cpu().contiguous()
+        tensors[f"{PREFIX}{path}.{b_key}"] = B.cpu().contiguous()
     if not layers:
         raise CheckpointError(f"{t.source}: no selected module weight differs from {b.source}; nothing to extract"
                               + (f" (changed but not extractable: {preview(not_captured)})" if not_captured else ""))

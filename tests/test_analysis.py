@@ -227,6 +227,21 @@ def test_extract_low_rank_reports_the_error_it_makes(tmp_path):
         assert 0.05 < x.relative_error < 1
 
 
+def test_extract_error_includes_the_saved_dtype(tmp_path):
+    from safetensors.torch import load_file
+    base, tuned = tuned_mlp(rank=2, seed=3)
+    res = an.extract_lora(base, tuned, 2, tmp_path / "a", dtype=torch.bfloat16)
+    sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    for x, b, t in zip(res.layers, base.layers, tuned.layers):
+        B = sd[f"base_model.model.{x.name}.lora_B.weight"]
+        A = sd[f"base_model.model.{x.name}.lora_A.weight"]
+        assert A.dtype == B.dtype == torch.bfloat16
+        dw = (t.weight - b.weight).detach().double()
+        err = float((dw - B.double() @ A.double()).norm() / dw.norm())
+        assert x.relative_error == pytest.approx(err, rel=1e-3)
+        assert 1e-4 < x.relative_error < 2e-2                       # bf16 rounding, not the SVD, dominates
+
+
 def test_extract_conv_from_module(tmp_path):
     torch.manual_seed(0)
     base = CNN()
