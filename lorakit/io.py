@@ -127,7 +127,9 @@ def find_adapter_files(path: PathLike, name: Optional[str] = None) -> tuple[Path
     """(config file, weights file) for an adapter folder, refusing pickle files.
 
     ``path`` may be the folder, its safetensors file, or a folder whose subfolder ``name``
-    holds the adapter (PEFT saves non-default adapters so).
+    holds the adapter (PEFT saves non-default adapters so). When ``path/name`` holds an
+    adapter it wins over one directly in ``path`` (PEFT's multi-adapter layout puts the
+    default adapter at the top); pass the top-level file's path to load that one instead.
     """
     p = Path(path)
     if p.is_file():
@@ -139,7 +141,7 @@ def find_adapter_files(path: PathLike, name: Optional[str] = None) -> tuple[Path
         if not p.exists():
             raise AdapterFormatError(f"{p}: no such adapter folder")
         folder = p
-        if not (p / CONFIG_NAME).exists() and name and (p / name / CONFIG_NAME).exists():
+        if name and (p / name / CONFIG_NAME).exists():
             folder = p / name
         weights = folder / WEIGHTS_NAME
     config = folder / CONFIG_NAME
