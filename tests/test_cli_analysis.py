@@ -113,3 +113,18 @@ def test_plot_spectra_writes_png(tmp_path, checkpoints):
     b, t, *_ = checkpoints
     out = analyze.plot_spectra(run_analysis(b, t), tmp_path / "fig" / "s.png", "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dispatch_through_the_lorakit_command(tmp_path, checkpoints, monkeypatch, capsys):
+    """`lorakit analyze|extract|demo digits` through cli.main (only these commands registered here)."""
+    from lorakit import cli
+    from lorakit.commands import demo
+    monkeypatch.setattr(cli, "COMMANDS", {k: cli.COMMANDS[k] for k in ("analyze", "extract", "demo")})
+    monkeypatch.setattr(demo, "DEMOS", {"digits": demo.DEMOS["digits"]})
+    b, t, *_ = checkpoints
+    assert cli.main(["analyze", "--base", str(b), "--tuned", str(t), "--no-png"]) == 0
+    assert cli.main(["extract", "--base", str(b), "--tuned", str(b), "--rank", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "lorakit extract: error:" in capsys.readouterr().err
+    assert cli.main(["demo", "digits", "--hidden", "16", "--pretrain-steps", "5", "--steps", "2", "--quiet",
+                     "--no-figure", "--out", str(tmp_path / "d"), "--json", str(tmp_path / "d.json")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["disabled_identical"] is True
