@@ -279,15 +279,3 @@ def test_torch_compile_fullgraph_matches_eager():
         assert torch.equal(compiled(ids).detach(), base_out)
     torch.testing.assert_close(compiled(ids), eager, rtol=1e-5, atol=1e-6)
 
-
-@pytest.mark.xfail(strict=True, reason=(
-    "ops.py bug (owned by the fast-path engineer): lora_linear passes the same tensor as both x and "
-    "x_drop to _LoraLinearFn.apply, which Dynamo refuses under fullgraph ('the same tensor is passed to "
-    "multiple forward inputs'). LoraLinear works around it by tracing lora_linear_reference while "
-    "compiling; fix: pass x_drop=None through to the Function instead of aliasing x."))
-def test_ops_lora_linear_compiles_fullgraph():
-    from lorakit import ops
-    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)
-    A, B = nn.Parameter(torch.randn(2, 4)), nn.Parameter(torch.randn(5, 2))
-    compiled = torch.compile(ops.lora_linear, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x, w, None, A, B, 2.0), ops.lora_linear_reference(x, w, None, A, B, 2.0))
