@@ -11,13 +11,9 @@
   one flat buffer per dtype, so bringing it in is one asynchronous copy and pointing its
   parameters at views of the device copy. Evicting copies the weights back to the host
   only when they changed on the device (training), then frees the device copy.
-* ``RowPacks`` keeps, per model, the packed device copies that per-row batches of frozen
-  adapters read (lorakit.multi): for each LoRA layer A as (S, R, k) and B as (S, d, R),
-  one slot per adapter, ranks zero-padded to R. A slot is refreshed only when its adapter's
-  weights changed (tracked by each parameter's storage address and version counter), so a
-  stream of batches over the same adapters copies nothing.
 
-Both are attached to the model's shared LoraState (weakly: they go away with the model).
+The cache is attached to the model's shared LoraState (weakly: it goes away with the model).
+The packed copies that per-row batches read are lorakit.packs'; evicting releases them.
 """
 
 from __future__ import annotations
@@ -30,137 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoraError, preview
-from .layers import LoraAdapter, LoraLayer, LoraState
+from .layers import LoraState
+from .packs import release_slot
 
 _CACHES: "weakref.WeakKeyDictionary[LoraState, AdapterCache]" = weakref.WeakKeyDictionary()
-_PACKS: "weakref.WeakKeyDictionary[LoraState, RowPacks]" = weakref.WeakKeyDictionary()
 
 
-# ---------------------------------------------------------------------------- row packs
-class RowPacks:
-    """Persistent packed copies of frozen adapters for per-row batches (see module docstring).
-
-    Slot 0 is always zero ("no adapter"); adapter names get slots 1, 2, ... model-wide.
-    """
-
-    def __init__(self) -> None:
-        self.slots: dict[str, int] = {}
-        self.free: list[int] = []
-        self.layers: "weakref.WeakKeyDictionary[LoraLayer, _LayerPack]" = weakref.WeakKeyDictionary()
-
-    def assign(self, names: list[str]) -> list[int]:
-        """The slot of each name, giving new names a free slot."""
-        out = []
-        for n in names:
-            s = self.slots.get(n)
-            if s is None:
-                s = self.free.pop() if self.free else len(self.slots) + len(self.free) + 1
-                self.slots[n] = s
-            out.append(s)
-        return out
-
-    def release(self, name: str) -> None:
-        """Forget ``name``'s slot (its contents are overwritten when the slot is reused)."""
-        s = self.slots.pop(name, None)
-        if s is not None:
-            self.free.append(s)
-            for pack in self.layers.values():
-                pack.marks.pop(s, None)
-                pack.stale.add(s)
-
-    def refresh(self, layer: LoraLayer, slot_adapters: list, R: int, dtype: torch.dtype
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """The layer's (A (S, R', k), B (S, d, R'), scale (S,)) with every given slot up to date.
-
-        slot_adapters: (slot, LoraAdapter or None) pairs; None leaves the slot zero here.
-        """
-        need = max(s for s, _ in slot_adapters) + 1
-        pack = self.layers.get(layer)
-        device = layer.base.weight.device
-        if pack is None or pack.A.shape[0] < need or pack.A.shape[1] < R or pack.A.dtype != dtype \
-                or pack.A.device != device:
-            pack = _LayerPack.grow(pack, layer, need, R, dtype, device)
-            self.layers[layer] = pack
-        for s, a in slot_adapters:
-            pack.put(s, a)
-        return pack.A, pack.B, pack.scale
-
-
-class _LayerPack:
-    def __init__(self, A: Tensor, B: Tensor, scale: Tensor) -> None:
-        self.A, self.B, self.scale = A, B, scale
-        self.marks: dict[int, tuple] = {}      # slot -> fingerprint of the adapter copied in
-        self.stale: set[int] = set()           # released slots whose contents are not zero
-
-    @staticmethod
-    def grow(old: Optional["_LayerPack"], layer: LoraLayer, need: int, R: int, dtype, device) -> "_LayerPack":
-        a_shape, b_shape = _pack_dims(layer)
-        S = max(need, 2 * old.A.shape[0] if old is not None else 4)
-        R = max(R, old.A.shape[1] if old is not None else R)
-        new = _LayerPack(torch.zeros((S, R, a_shape), dtype=dtype, device=device),
-                         torch.zeros((S, b_shape, R), dtype=dtype, device=device),
-                         torch.zeros(S, dtype=torch.float32, device=device))
-        if old is not None and old.A.device == device and old.A.dtype == dtype:
-            s, r = old.A.shape[:2]
-            new.A[:s, :r] = old.A
-            new.B[:s, :, :r] = old.B
-            new.scale[:s] = old.scale
-            new.marks, new.stale = old.marks, old.stale
-        return new
-
-    def put(self, s: int, a: Optional[LoraAdapter]) -> None:
-        if a is None:
-            if s in self.marks or s in self.stale:         # the slot held another adapter here
-                self.A[s].zero_()
-                self.B[s].zero_()
-                self.scale[s] = 0.0
-                self.marks.pop(s, None)
-                self.stale.discard(s)
-            return
-        A, B = a.lora_A, a.lora_B
-        mark = self.marks.get(s)
-        if mark is not None and mark[0]() is a and mark[1:] == _fingerprint(a):
-            return
-        with torch.no_grad():
-            self.A[s, :a.r].copy_(A)
-            self.A[s, a.r:].zero_()
-            self.B[s, :, :a.r].copy_(B)
-            self.B[s, :, a.r:].zero_()
-            self.scale[s] = float(a.scale)
-        self.marks[s] = (weakref.ref(a), *_fingerprint(a))
-        self.stale.discard(s)
-
-
-def _fingerprint(a: LoraAdapter) -> tuple:
-    A, B = a.lora_A, a.lora_B
-    return A.data_ptr(), A._version, B.data_ptr(), B._version, a.r, a.scale
-
-
-def _pack_dims(layer: LoraLayer) -> tuple[int, int]:
-    """(k, d) of the packed A (.., k) and B (d, ..): in/out features, or vocabulary/dim."""
-    w = layer.base.weight
-    if hasattr(layer, "in_features"):
-        return layer.in_features, layer.out_features
-    n, dim = w.shape                                            # nn.Embedding
-    return n, dim
-
-
-def row_packs(state: LoraState) -> RowPacks:
-    """The model's RowPacks (created on first use), with slots of deleted adapters released."""
-    packs = _PACKS.get(state)
-    if packs is None:
-        packs = _PACKS[state] = RowPacks()
-    for name in [n for n in packs.slots if n not in state.configs]:
-        packs.release(name)
-    return packs
-
-
-def clear_row_packs(model: nn.Module) -> None:
-    """Free the packed copies that per-row batches keep on the device (rebuilt when next needed)."""
-    from .inject import find_state
-    st = find_state(model)
-    if st is not None:
-        _PACKS.pop(st, None)
+def version(t: Tensor):
+    """The tensor's in-place version counter; inference tensors have none, so they get a token
+    equal to nothing (an evicted inference tensor is always copied back)."""
+    return object() if t.is_inference() else t._version
 
 
 # ---------------------------------------------------------------------------- host cache
@@ -269,14 +144,12 @@ class AdapterCache:
         if copy is None:
             copy = self.copies[name] = _HostCopy(self._params(name), pin=self._pin())
             copy.store()
-        elif self.versions.get(name) != [p._version for p in copy.params]:
+        elif self.versions.get(name) != [version(p) for p in copy.params]:
             copy.store()
         copy.point_home()
         del self.lru[name]
         self.versions.pop(name, None)
-        packs = _PACKS.get(self.state)
-        if packs is not None:
-            packs.release(name)
+        release_slot(self.state, name)
 
     def _make_room(self, keep: list[str], incoming: int) -> None:
         if self.max_resident is None:
@@ -296,7 +169,7 @@ class AdapterCache:
                 p.grad = p.grad.to(self.device)
             p.data = view
         self.lru[name] = None
-        self.versions[name] = [p._version for p in copy.params]
+        self.versions[name] = [version(p) for p in copy.params]
 
     def _params(self, name: str) -> list[nn.Parameter]:
         from .adapters import adapter_parameters

@@ -22,8 +22,8 @@ forward then only launches device work (no host synchronisation: capturable in a
 graph). Per layer the adapters of the groups are *packed*: A padded to rank R (a power of
 two >= 16) and stacked as (S, R, k), B as (S, d, R), the scales as (S,):
 
-* frozen adapters: a persistent pack kept by ``lorakit.cache.RowPacks`` (slot per adapter,
-  refreshed on entry when a weight changed), so serving pays no copy per batch;
+* frozen adapters: the persistent packs of lorakit.packs (one slot per adapter, refreshed on
+  entry only when a weight changed), so serving pays no copy per batch;
 * trainable adapters: stacked in the forward, so autograd routes each row's gradient to
   its own adapter's A and B.
 
@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterNotFound, LoraError, MergedStateError, preview
-from .inject import lora_layers, saved_modules
+from .inject import lora_layers
 from .layers import LoraAdapter, LoraEmbedding, LoraLayer, LoraLinear, LoraState
+from .packs import padded_rank, row_packs
 
 Backend = Literal["auto", "torch", "triton"]
-MIN_RANK = 16          # packs pad ranks to a power of two >= 16 (tensor-core tiles need 16)
 
 
 # ---------------------------------------------------------------------------- the math
@@ -103,16 +103,10 @@ def embedding_rows(out: Tensor, ids: Tensor, A: Tensor, B: Tensor, scale: Tensor
     return torch.baddbmm(out, xa, B.index_select(0, index).to(out.dtype).transpose(1, 2))
 
 
-def padded_rank(ranks) -> int:
-    """The pack's rank: a power of two >= MIN_RANK that holds every rank given."""
-    r = max(ranks, default=1)
-    return max(MIN_RANK, 1 << (r - 1).bit_length())
-
-
 # ---------------------------------------------------------------------------- the plan
 class _LayerRows:
-    """What one layer needs for a plan: its adapter (or None) for each group, the padded rank,
-    and either the persistent pack (frozen plans) or the zero pads and scales to stack with."""
+    """A trainable plan's view of one layer: its adapter (or None) for each group, the padded
+    rank, zero pads and the scales; ``stacked`` packs the live parameters differentiably."""
 
     def __init__(self, layer: LoraLayer, path: str, groups: list[str]) -> None:
         mods = layer.adapters._modules
@@ -121,24 +115,18 @@ class _LayerRows:
         present = [a for a in self.adapters if a is not None]
         self.any = bool(present)
         self.R = padded_rank(a.r for a in present)
-        self.trainable = any(p.requires_grad for a in present for p in (a.lora_A, a.lora_B))
-        self.pack = None                    # (A, B, scale) for frozen plans, set by RowPlan
-        self.pads = None                    # (zero A, zero B, scale) for stacking, set by RowPlan
-
-    def dtype(self) -> torch.dtype:
-        return self.layer.base.weight.dtype
+        self.pads = None
 
     def make_pads(self) -> None:
         w = self.layer.base.weight
         a = next(a for a in self.adapters if a is not None)
-        a_shape, b_shape = (self.R, a.lora_A.shape[1]), (a.lora_B.shape[0], self.R)
         scales = [0.0] + [a.scale if a is not None else 0.0 for a in self.adapters]
-        self.pads = (torch.zeros(a_shape, dtype=w.dtype, device=w.device),
-                     torch.zeros(b_shape, dtype=w.dtype, device=w.device),
+        self.pads = (torch.zeros((self.R, a.lora_A.shape[1]), dtype=w.dtype, device=w.device),
+                     torch.zeros((a.lora_B.shape[0], self.R), dtype=w.dtype, device=w.device),
                      torch.tensor(scales, dtype=torch.float32).to(w.device))
 
     def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Differentiable pack of this plan's groups: A (G+1, R, k), B (G+1, d, R), scale (G+1,)."""
+        """Differentiable pack of the plan's groups: A (G+1, R, k), B (G+1, d, R), scale (G+1,)."""
         zero_a, zero_b, scale = self.pads
         As, Bs = [zero_a], [zero_b]
         for a in self.adapters:
@@ -153,17 +141,21 @@ class _LayerRows:
 
 
 class _DeviceIndex:
-    """The plan's integers on one device: index by group and by slot, the active rows sorted by
-    group (for the kernels), per-group row lists (for convolutions), per-row dropout."""
+    """The plan's integers on one device, sent in one copy: each row's group and slot, the rows
+    with an adapter sorted by group (for the kernels), each group's rows (for convolutions)."""
 
     def __init__(self, plan: "RowPlan", device: torch.device) -> None:
-        def put(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype).to(device)
-        self.group = put(plan.row_group)
-        self.slot = put(plan.row_slot) if plan.row_slot is not None else None
-        self.order = put(plan.order, torch.int32)
-        self.members = [put([i for i, g in enumerate(plan.row_group) if g == gi]) for gi in range(len(plan.groups) + 1)]
-        self.p = put(plan.row_dropout, torch.float32) if any(plan.row_dropout) else None
+        n, m = len(plan.names), len(plan.order)
+        by_group = sorted(range(n), key=lambda i: (plan.row_group[i], i))
+        slots = plan.row_slot if plan.row_slot is not None else plan.row_group
+        flat = torch.tensor(plan.row_group + slots + plan.order + by_group, dtype=torch.int64).to(device)
+        self.group, self.slot, order, rows = flat[:n], flat[n:2 * n], flat[2 * n:2 * n + m], flat[2 * n + m:]
+        self.order = order.to(torch.int32)
+        counts = [plan.row_group.count(g) for g in range(len(plan.groups) + 1)]
+        starts = [sum(counts[:g]) for g in range(len(counts))]
+        self.members = [rows[s:s + c] for s, c in zip(starts, counts)]
+        self.p = (torch.tensor(plan.row_dropout, dtype=torch.float32).to(device)
+                  if any(plan.row_dropout) else None)
 
 
 class RowPlan:
@@ -171,7 +163,9 @@ class RowPlan:
 
     ``names``: one entry per row; ``groups``: the distinct adapter names in first-seen order
     (group g >= 1 is ``groups[g - 1]``, group 0 is "no adapter"); ``row_group``: each row's
-    group; ``order``: rows with an adapter, sorted by group. All computed on the host, once.
+    group; ``order``: rows with an adapter, sorted by group; ``trainable``: whether the
+    adapters train (stacked in the forward) or are read from the persistent packs, where
+    ``row_slot`` is each row's slot. All computed on the host, once.
     """
 
     def __init__(self, model: nn.Module, state: LoraState, names: list, backend: Backend = "auto") -> None:
@@ -182,29 +176,23 @@ class RowPlan:
         self.order = sorted((i for i, g in enumerate(self.row_group) if g), key=lambda i: (self.row_group[i], i))
         self.row_dropout = [state.configs[n].dropout if n is not None else 0.0 for n in self.names]
         self.backend = backend
+        self.packs = row_packs(state)
+        slots = self.packs.prepare(model, state, self.groups)
+        self.trainable = slots is None
+        self.row_slot = None if self.trainable else [slots[g - 1] if g else 0 for g in self.row_group]
         self.layers: dict[LoraLayer, _LayerRows] = {}
-        for path, layer in lora_layers(model):
-            info = _LayerRows(layer, path, self.groups)
-            if info.any:
-                self.layers[layer] = info
-        self.trainable = any(info.trainable for info in self.layers.values())
-        self.row_slot = None
         if self.trainable:
-            for info in self.layers.values():
-                info.make_pads()
+            for path, layer in lora_layers(model):
+                info = _LayerRows(layer, path, self.groups)
+                if info.any:
+                    info.make_pads()
+                    self.layers[layer] = info
+            devices = {layer.base.weight.device for layer in self.layers}
         else:
-            self._use_packs(state)
-        self._index: dict[torch.device, _DeviceIndex] = {}
-        for dev in {info.layer.base.weight.device for info in self.layers.values()}:
-            self._index[dev] = _DeviceIndex(self, dev)
-
-    def _use_packs(self, state: LoraState) -> None:
-        from .cache import row_packs
-        packs = row_packs(state)
-        slots = packs.assign(self.groups)
-        self.row_slot = [slots[g - 1] if g else 0 for g in self.row_group]
-        for info in self.layers.values():
-            info.pack = packs.refresh(info.layer, list(zip(slots, info.adapters)), info.R, info.dtype())
+            devices = {p.A.device for p in self.packs.layers.values()}
+            devices |= {e.pairs[0][0].base.weight.device for n in self.groups
+                        for e in [self.packs.entries[n]] if e.pairs}
+        self._index = {dev: _DeviceIndex(self, dev) for dev in devices}
 
     # -- helpers ------------------------------------------------------------------------
     def index(self, device: torch.device) -> _DeviceIndex:
@@ -213,28 +201,28 @@ class RowPlan:
             idx = self._index[device] = _DeviceIndex(self, device)
         return idx
 
-    def info(self, layer: LoraLayer) -> Optional[_LayerRows]:
-        return self.layers.get(layer)
+    def weights(self, layer: LoraLayer) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """(A, B, scale) packed for this layer, or None when no row's adapter touches it."""
+        if self.trainable:
+            info = self.layers.get(layer)
+            return None if info is None else info.stacked()
+        pack = self.packs.pack(layer)
+        return None if pack is None else (pack.A, pack.B, pack.scale)
 
-    def check_rows(self, info: _LayerRows, x: Tensor) -> int:
+    def check_rows(self, layer: LoraLayer, x: Tensor, min_dim: int = 2) -> int:
         n = len(self.names)
-        if x.dim() < 2 or x.shape[0] != n:
+        if x.dim() < min_dim or x.shape[0] != n:
             raise LoraError(
-                f"batch_adapters was given {n} names, one per row, but {info.path or type(info.layer).__name__} "
-                f"received input of shape {tuple(x.shape)} (batch {x.shape[0] if x.dim() else 'none'}). Pass one "
-                "name per row of the batch; generate with num_beams or num_return_sequences = m repeats every "
-                "row m times, so repeat each name m times too.")
+                f"batch_adapters was given {n} names, one per row, but a {type(layer).__name__} ({layer.base}) "
+                f"received input of shape {tuple(x.shape)}. Pass one name per row of the batch; generate "
+                "with num_beams or num_return_sequences = m repeats every row m times, so repeat each name m times.")
         return n
 
-    def weights(self, info: _LayerRows, idx: _DeviceIndex) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(A, B, scale, index) for this layer: stacked (trainable plans) or the persistent pack."""
-        if self.trainable:
-            return (*info.stacked(), idx.group)
-        return (*info.pack, idx.slot)
-
     def _triton(self, x3: Tensor, out3: Tensor, A: Tensor) -> bool:
-        if self.backend == "torch" or not x3.is_cuda:
-            if self.backend == "triton" and not x3.is_cuda:
+        if self.backend == "torch":
+            return False
+        if not x3.is_cuda:
+            if self.backend == "triton":
                 raise LoraError("batch_adapters(backend='triton') needs CUDA tensors; use backend='auto'")
             return False
         if torch.is_grad_enabled() and (x3.requires_grad or A.requires_grad or out3.requires_grad):
@@ -246,12 +234,13 @@ class RowPlan:
     # -- the forwards the LoRA layers call -------------------------------------------------
     def linear(self, layer: LoraLinear, x: Tensor) -> Tensor:
         out = layer.base(x)
-        info = self.info(layer)
-        if info is None:
+        w = self.weights(layer)
+        if w is None:
             return out
-        n = self.check_rows(info, x)
+        n = self.check_rows(layer, x)
         idx = self.index(x.device)
-        A, B, scale, index = self.weights(info, idx)
+        A, B, scale = w
+        index = idx.group if self.trainable else idx.slot
         x3 = x.reshape(n, -1, x.shape[-1])                                 # (N, T, k)
         out3 = out.view(n, -1, out.shape[-1])                              # (N, T, d)
         if idx.p is not None and layer.training:
@@ -264,11 +253,13 @@ class RowPlan:
 
     def embedding(self, layer: LoraEmbedding, ids: Tensor) -> Tensor:
         out = layer.base(ids)
-        info = self.info(layer)
-        if info is None:
+        w = self.weights(layer)
+        if w is None:
             return out
-        n = self.check_rows(info, ids)
-        A, B, scale, index = self.weights(info, self.index(ids.device))
+        n = self.check_rows(layer, ids, min_dim=1)
+        idx = self.index(ids.device)
+        A, B, scale = w
+        index = idx.group if self.trainable else idx.slot
         out3 = out.view(n, -1, out.shape[-1])
         res = embedding_rows(out3, ids.reshape(n, -1), A, B, scale, index, layer.base.padding_idx)
         return res.view(out.shape)
@@ -276,16 +267,16 @@ class RowPlan:
     def generic(self, layer: LoraLayer, x: Tensor) -> Tensor:
         """Any other layer kind (convolutions): one pass per group over that group's rows."""
         out = layer.base(x)
-        info = self.info(layer)
-        if info is None:
+        mods = layer.adapters._modules
+        adapters = [(g, mods.get(n)) for g, n in enumerate(self.groups, 1) if n in mods]
+        if not adapters:
             return out
-        self.check_rows(info, x)
+        self.check_rows(layer, x)
         idx = self.index(x.device)
-        for g, a in enumerate(info.adapters, 1):
-            if a is not None:
-                rows = idx.members[g]
-                delta = layer.lora_delta(a, x.index_select(0, rows))
-                out = out.index_add(0, rows, a.scale * delta.to(out.dtype))
+        for g, a in adapters:
+            rows = idx.members[g]
+            delta = layer.lora_delta(a, x.index_select(0, rows))
+            out = out.index_add(0, rows, a.scale * delta.to(out.dtype))
         return out
 
 
@@ -330,10 +321,10 @@ def _check_names(model: nn.Module, names) -> tuple[LoraState, list]:
     if st.merged is not None:
         raise MergedStateError(f"adapter {st.merged!r} is merged into the base weights, so rows cannot use other "
                                "adapters; call lorakit.unmerge(model) first")
-    saved = [path for path, _ in saved_modules(model)]
+    saved = [n for n, cfg in st.configs.items() if cfg.modules_to_save]
     if saved:
-        raise LoraError(f"batch_adapters does not support modules_to_save (full trainable copies of {preview(saved)}): "
-                        "such modules cannot differ per row; run those adapters one at a time with set_adapter")
+        raise LoraError(f"batch_adapters does not support modules_to_save (adapters {preview(saved)} train full "
+                        "copies of modules, which cannot differ per row); run them one at a time with set_adapter")
     return st, names
 
 

@@ -127,4 +127,4 @@ def test_cuda_host_adapters_are_pinned_and_move_in_and_out(saved):
     assert all(p.device.type == "cuda" for n in ("a", "c") for p in params(m, n))
     assert all(p.device.type == "cpu" and p.is_pinned() for n in ("b", "d") for p in params(m, n))
     assert torch.allclose(got, rows_alone(ref_model, x, names), rtol=1e-4, atol=1e-5)
-    assert cache.resident() == ["c", "a"]
+    assert cache.resident() == ["a", "c"]

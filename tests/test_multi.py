@@ -258,6 +258,21 @@ def test_packed_weights_follow_changes_and_replaced_adapters(tmp_path):
             assert rel(got, m(ids).logits) < 1e-5                 # "sql" now holds js's weights
 
 
+def test_many_adapters_on_disjoint_layers():
+    m = MLP((8, 8, 8, 8, 8, 8))
+    for i in range(7):                              # slots beyond the first packs' sizes, each on one layer
+        lorakit.inject(m, lorakit.LoraConfig(r=1 + i, alpha=2, target_modules=[f"layers.{i % 5}"]), name=f"a{i}")
+    randomize_adapters(m)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(9))
+    for names in (["a0", "a1", None, "a2", "a3", "a4", "a5", "a6"], ["a6", "a5", "a0", None, None, "a1", "a0", "a6"]):
+        with torch.no_grad():
+            with batch_adapters(m, names):
+                got = m(x)
+            assert rel(got, rows_alone(m, x, names, lambda mm, xx: mm(xx))) < 1e-5
+
+
 # ---------------------------------------------------------------------------- GPU
 class TinyNet(nn.Module):
     """Embedding + a few linears: a model whose forward has no host synchronisation of its own."""
@@ -312,7 +327,7 @@ def test_kernels_match_torch_path(dtype, T):
 def test_cuda_llama_triton_and_torch_equal_rows_alone(dtype):
     m = llama_with_adapters(trainable=False).to("cuda", dtype)
     ids = torch.randint(0, 64, (len(NAMES), 70), generator=torch.Generator().manual_seed(8)).cuda()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     with torch.no_grad():
         ref = rows_alone(m, ids, NAMES)
         for backend in ("triton", "torch"):
@@ -332,14 +347,15 @@ def test_cuda_llama_triton_and_torch_equal_rows_alone(dtype):
 def test_cuda_forward_has_no_host_sync_and_captures_in_a_graph():
     net = tiny_net("cuda", torch.bfloat16)
     names = ["b", None, "a", "b", "a", "a", None, "b"]
-    ids = torch.randint(0, 50, (8, 16), device="cuda")
-    step = torch.randint(0, 50, (8, 1), device="cuda")
+    ids, ids2 = (torch.randint(0, 50, (8, 16), device="cuda") for _ in range(2))
+    step, step2 = (torch.randint(0, 50, (8, 1), device="cuda") for _ in range(2))
+    static_ids, static_step = ids.clone(), step.clone()
     with torch.no_grad():
-        ref = rows_alone(net, ids, names, lambda m, x: m(x))
+        ref = rows_alone(net, ids2, names, lambda m, x: m(x))
         with batch_adapters(net, names):
-            eager, eager1 = net(ids), net(step)                  # warm-up: kernels compiled
+            net(ids), net(step)                                   # warm-up: kernels compiled
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error")               # any host synchronisation raises
             try:
                 net(ids)
                 net(step)
@@ -348,15 +364,18 @@ def test_cuda_forward_has_no_host_sync_and_captures_in_a_graph():
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                net(ids)
+                net(static_ids), net(static_step)
             torch.cuda.current_stream().wait_stream(s)
             graph, graph1 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static = net(ids)
+                static = net(static_ids)
             with torch.cuda.graph(graph1):
-                static1 = net(step)
+                static1 = net(static_step)
+            static_ids.copy_(ids2)                                # new inputs, then replay
+            static_step.copy_(step2)
             graph.replay()
             graph1.replay()
+            eager, eager1 = net(ids2), net(step2)
             torch.cuda.synchronize()
-    assert rel(eager, ref) < 1e-2
-    assert torch.equal(static, eager) and torch.equal(static1, eager1)
+    assert rel(eager, ref) < 2e-2
+    assert rel(static, eager) < 1e-3 and rel(static1, eager1) < 1e-3
