@@ -184,8 +184,8 @@ class LoraLinear(LoraLayer):
         if a is None:
             return self.base(x)
         x_drop = F.dropout(x, a.dropout, self.training) if a.dropout > 0 and self.training else None
-        # Under torch.compile the readable reference is traced (the compiler fuses it); the fast
-        # autograd.Function is for eager mode (Dynamo cannot trace it with x passed twice).
+        # Under torch.compile the readable reference is traced: plain ops the compiler can fuse
+        # and differentiate itself. The hand-written autograd.Function is the eager fast path.
         fn = ops.lora_linear_reference if torch.compiler.is_compiling() else ops.lora_linear
         return fn(x, self.base_weight_dk(), self.base.bias, a.lora_A, a.lora_B, a.scale, x_drop)
 
