@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import LoraError, preview
+from .errors import LoraError, ShapeMismatch, preview
 
 DEFAULT_RANKS = (1, 4, 16, 64)
 DEFAULT_THRESHOLDS = (0.9, 0.99)
@@ -47,13 +47,18 @@ class CheckpointError(LoraError):
 # ------------------------------------------------------------------------------ spectra
 def singular_values(x: Tensor) -> Tensor:
     """s_1 >= ... >= s_m >= 0 (m = min(d, k)) of a 2-D matrix (d, k); float64 stays float64,
-    anything else is computed in float32. A 1-D tensor is taken as singular values already."""
+    anything else is computed in float32. A 1-D tensor is taken as singular values already
+    (returned as |x| sorted in descending order)."""
+    x = x.detach()
     if x.dim() == 1:
-        return x
+        return x.abs().sort(descending=True).values
     if x.dim() != 2:
-        raise CheckpointError(f"singular_values needs a 2-D matrix, got shape {list(x.shape)}")
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.svdvals(x.to(dt))
+        raise ShapeMismatch(f"singular values need a 2-D matrix (d, k), got shape {list(x.shape)}")
+    return torch.linalg.svdvals(x.to(_compute_dtype(x)))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def energy(x: Tensor) -> Tensor:
@@ -77,6 +82,8 @@ def effective_rank(x: Tensor, threshold: float = 0.9) -> int:
 
 def relative_error(x: Tensor, r: int) -> float:
     """||X - X_r||_F / ||X||_F = sqrt(sum_{i>r} s_i^2 / sum_i s_i^2) for the best rank-r X_r (0 for X = 0)."""
+    if r < 0:
+        raise LoraError(f"rank must be >= 0, got {r}")
     s2 = singular_values(x).double() ** 2
     total = float(s2.sum())
     return 0.0 if total == 0.0 else math.sqrt(max(float(s2[r:].sum()), 0.0) / total)
@@ -120,8 +127,9 @@ def truncated_svd(x: Tensor, r: int) -> LowRank:
     """Best rank-r approximation of a (d, k) matrix (r is capped at min(d, k)); float32 unless x is float64."""
     if r < 1:
         raise LoraError(f"rank must be >= 1, got {r}")
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    U, S, Vh = torch.linalg.svd(x.to(dt), full_matrices=False)
+    if x.dim() != 2:
+        raise ShapeMismatch(f"truncated_svd needs a 2-D matrix (d, k), got shape {list(x.shape)}")
+    U, S, Vh = torch.linalg.svd(x.detach().to(_compute_dtype(x)), full_matrices=False)
     r = min(r, S.numel())
     return LowRank(U[:, :r], S[:r], Vh[:r], relative_error(S, r))
 
@@ -364,8 +372,9 @@ def analyze(base, tuned=None, ranks: Sequence[int] = DEFAULT_RANKS,
         if t is None:
             out.append(analyze_layer(path, w, ranks, thresholds, kind))
             continue
-        wt = t.matrix(path).to(device)
-        noise = _noise_floor(wt, t.raw(path).dtype)
+        raw = t.raw(path)                            # seen through the base's module kind, as in extraction
+        wt = matrix_view(kind, raw).to(device, torch.float32)
+        noise = _noise_floor(wt, raw.dtype)
         out.append(analyze_layer(path, wt - w, ranks, thresholds, kind, base=w, noise=noise))
     return out
 
