@@ -4,6 +4,9 @@ unmerge, unload, modules_to_save switching."""
 from __future__ import annotations
 
 import copy
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +288,15 @@ def test_modules_to_save_switch_with_the_adapter():
     lorakit.delete_adapter(model, "a")
     lorakit.delete_adapter(model, "b")
     assert isinstance(model.pooler, nn.Module) and not isinstance(model.pooler, SavedModule)
+
+
+# ---------------------------------------------------------------------------- the API guide runs
+def test_api_guide_examples_run(tmp_path, monkeypatch):
+    """docs/api.md: every ```python block, in order, as one script (so the guide cannot rot)."""
+    guide = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", guide.read_text(), flags=re.S | re.M)
+    assert len(blocks) >= 12
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    namespace = {"__name__": "api_guide"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{guide}:block{i}", "exec"), namespace)
