@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ConfigError, LoraError
 
+
 @dataclass
 class DigitsConfig:
     """Settings of the experiment (the command-line flags of ``lorakit demo digits``)."""
@@ -80,24 +81,18 @@ class DigitsConfig:
 
 
 def build_mlp(n_in: int, hidden: tuple, n_out: int = 10):
-    """The oversized MLP: linear1 .. linear{n}, ReLU between them (plain torch modules)."""
+    """The oversized MLP as a plain nn.Sequential: linear1, relu1, linear2, relu2, ..., linear{n}.
+
+    x (N, n_in) -> ... -> logits (N, n_out)."""
+    from collections import OrderedDict
     from torch import nn
-
-    class DigitsMLP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            sizes = [n_in, *hidden, n_out]
-            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), 1):
-                setattr(self, f"linear{i}", nn.Linear(a, b))
-            self.n_layers = len(sizes) - 1
-
-        def forward(self, x):                                    # x: (N, n_in)
-            for i in range(1, self.n_layers + 1):
-                x = getattr(self, f"linear{i}")(x)
-                x = x.relu() if i < self.n_layers else x
-            return x                                             # (N, 10) logits
-
-    return DigitsMLP()
+    sizes = [n_in, *hidden, n_out]
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), 1):
+        layers.append((f"linear{i}", nn.Linear(a, b)))
+        if i < len(sizes) - 1:
+            layers.append((f"relu{i}", nn.ReLU()))
+    return nn.Sequential(OrderedDict(layers))
 
 
 def train_steps(model, params, x, y, steps: int, cfg: DigitsConfig, desc: str, seed: int) -> float:
@@ -182,7 +177,7 @@ def _experiment(cfg: DigitsConfig, log: Callable[[str], None]) -> dict:
 
     worst = max(range(10), key=lambda d: (wrong_before[d], -d))
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
-    targets = [f"linear{i}" for i in range(1, model.n_layers + 1)]
+    targets = [name for name, m in model.named_children() if name.startswith("linear")]
     log(f"\n[2/7] Worst digit: {worst} ({wrong_before[worst]} wrong). LoRA r={cfg.rank}, alpha={alpha:g} "
         f"on {', '.join(targets)}")
     originals = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]   # the copy to compare with
