@@ -9,17 +9,31 @@ Two implementations compute that same function:
 * ``*_reference``: the readable version, plain autograd. Tests compare against it.
 * ``lora_linear``: the fast path (the default). A custom autograd function that
 
-  - accumulates the low-rank term into the base output inside one GEMM
-    (``out.addmm_(xa, B^T, alpha=s)``: no extra full-size elementwise pass);
-  - saves only what backward needs: the input x (the same tensor object for q/k/v, so
+  - never makes a full-size elementwise pass for the low-rank term. Per call it picks
+    (``merged_is_cheaper``, from the shapes alone) between two exact forms:
+
+        unmerged:  out = x W0^T + b;  out += s xa B^T        (the add is the epilogue of a
+                                                               rank-r GEMM: one read + write of out)
+        merged:    out = x W'^T + b,  W' = W0 + s B A         (W' built by one GEMM with W0 as
+                                                               its accumulator, then dropped)
+
+    Merged wins when the token count N is large against the layer's width (training
+    steps, prefill): rebuilding a (d, k) weight is cheaper than a pass over an (N, d)
+    output. Unmerged wins for short inputs (decoding);
+  - saves only what backward needs: the input x (the same storage for q/k/v, so
     shared, never copied), the small ``xa = x A^T`` (N x r) and the weights; no float32
     copies of activations;
   - computes, with no gradient for W0 (it is frozen)::
 
-        g  = dY B                  (N x r)
-        dX = dY W0 + s g A         (N x k)   one GEMM plus one accumulating GEMM
-        dA = s g^T x               (r x k)
-        dB = s dY^T xa             (d x r)
+        g  = s dY B                (N x r)
+        dX = dY W0 + g A  = dY W'  (N x k)   one GEMM (+ one accumulating rank-r GEMM, unmerged)
+        dA = g^T x                 (r x k)
+        dB = s (xa^T dY)^T         (d x r)
+
+    three skinny passes over the (N, d) / (N, k) activations beyond the frozen bound's
+    single GEMM: dY twice (g, dB) and x once (dA);
+  - builds no autograd node at all under ``torch.no_grad`` (inference: the forward alone);
+  - traces under ``torch.compile(fullgraph=True)``.
 
   It falls back to the reference when the base weight itself requires a gradient.
 """
@@ -73,29 +87,62 @@ def linear_delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fast path
+def merged_is_cheaper(n: int, d: int, k: int, training: bool) -> bool:
+    """Whether to run the low-rank term through W' = W0 + s B A rather than beside W0.
+
+    Per call, beyond what both forms share (the GEMM with the (d, k) weight):
+
+    * beside W0 (unmerged): forward adds s xa B^T into the (N, d) output (one read and
+      one write of it); a training backward adds s g A into the (N, k) dX likewise;
+    * through W' (merged): W' is built from W0 (one read and one write of (d, k)) in the
+      forward, and again in a training backward (W' is not kept: it would cost as much
+      memory as the model).
+
+    The bytes moved (GPU) and the multiply-adds (CPU: rank r times the same counts) give
+    the same rule: merged when N (d + k) > 2 d k in training, N (k + 2d) > 2 d k without
+    backward (there the unmerged form also reads x once more for xa, which the merged form
+    skips). Training at 8k tokens per step and long prefills pick merged; decoding picks unmerged.
+    """
+    if training:
+        return n * (d + k) > 2 * d * k
+    return n * (k + 2 * d) > 2 * d * k
+
+
+def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """W' = W0 + s B A: (d, k) + s (d, r) (r, k), one GEMM with W0 as its accumulator (float32 inside)."""
+    return torch.addmm(weight, B, A, alpha=scale)
+
+
 class _LoraLinearFn(torch.autograd.Function):
-    """y = x W0^T + b + s (xd A^T) B^T with W0 and b frozen. See the module docstring."""
+    """y = x W0^T + b + s (xd A^T) B^T with W0 and b frozen. See the module docstring.
+
+    Inputs: x (..., k); xd: the dropped-out input (..., k), or None when the adapter reads x
+    itself; weight (d, k); bias (d,) or None; A (r, k); B (d, r); scale; merged (bool).
+    A and B may be float32 on a lower-precision base: they are cast to x's dtype for the
+    GEMMs (a (r, k) and a (d, r) copy, never an activation) and their gradients are
+    returned in their own dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, xd: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                scale: float) -> Tensor:
-        k, d = weight.shape[1], weight.shape[0]
+    def forward(ctx, x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
+                B: Tensor, scale: float, merged: bool) -> Tensor:
+        d, k = weight.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)                                  # (N, k)
-        xd2 = x2 if xd is x else xd.reshape(-1, k)             # (N, k)
-        Ac, Bc = A.to(x.dtype), B.to(x.dtype)                  # no-ops when dtypes agree
-        xa = xd2 @ Ac.t()                                      # (N, r)
-        if bias is None:
-            out = x2 @ weight.t()                              # (N, d)
+        x2 = x.reshape(-1, k)                                  # (N, k), a view when x is contiguous
+        xd2 = x2 if xd is None else xd.reshape(-1, k)          # (N, k)
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)                  # no-ops when the dtypes agree
+        need_a, need_b = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        merged = merged and xd is None
+        if merged:
+            out = F.linear(x2, _merged_weight(weight, Ac, Bc, scale), bias)    # x W'^T + b, (N, d)
+            xa = x2 @ Ac.t() if need_b else None                               # (N, r), for dB only
         else:
-            out = torch.addmm(bias, x2, weight.t())
-        out.addmm_(xa, Bc.t(), alpha=scale)                    # += s xa B^T, fused into the GEMM
-        ctx.scale = scale
-        ctx.same_input = xd is x
-        ctx.save_for_backward(xd2 if A.requires_grad else None, xa if B.requires_grad else None,
-                              weight, Ac, Bc)
-        ctx.dtypes = (A.dtype, B.dtype, xd.dtype)
-        ctx.lead = lead
+            xa = xd2 @ Ac.t()                                                  # (N, r)
+            out = F.linear(x2, weight, bias)                                   # (N, d)
+            out.addmm_(xa, Bc.t(), alpha=scale)         # += s xa B^T inside the GEMM's epilogue
+        ctx.scale, ctx.merged, ctx.same = scale, merged, xd is None
+        ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
+        ctx.save_for_backward(xd2 if need_a else None, xa if need_b else None, weight, Ac, Bc)
         return out.view(*lead, d)
 
     @staticmethod
@@ -103,46 +150,76 @@ class _LoraLinearFn(torch.autograd.Function):
         xd2, xa, weight, Ac, Bc = ctx.saved_tensors
         s = ctx.scale
         d, k = weight.shape
-        dy2 = dy.reshape(-1, d)                                # (N, d)
-        g = dy2 @ Bc                                           # (N, r)
-        dx = dxd = dA = dB = None
+        lead = dy.shape[:-1]
         need_x, need_xd, need_a, need_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                            ctx.needs_input_grad[4], ctx.needs_input_grad[5])
-        if need_x or need_xd:
-            if ctx.same_input:
-                dx = (dy2 @ weight).addmm_(g, Ac, alpha=s).view(*ctx.lead, k)   # dY W0 + s g A
+        dy2 = dy.reshape(-1, d)                                # (N, d)
+        need_g = need_a or need_xd or (need_x and ctx.same and not ctx.merged)
+        gs = (dy2 @ Bc).mul_(s) if need_g else None            # s dY B, (N, r)
+        dx = dxd = dA = dB = None
+        if need_x:
+            if ctx.merged:
+                dx = dy2 @ _merged_weight(weight, Ac, Bc, s)   # dY W' = dY W0 + s (dY B) A
+            elif ctx.same:
+                dx = (dy2 @ weight).addmm_(gs, Ac)             # dY W0 + s g A, one accumulating GEMM
             else:
-                dx = (dy2 @ weight).view(*ctx.lead, k) if need_x else None
-                dxd = (g @ Ac).mul_(s).view(*ctx.lead, k) if need_xd else None
+                dx = dy2 @ weight
+            dx = dx.view(*lead, k)
+        if need_xd:
+            dxd = (gs @ Ac).view(*lead, k)                     # s g A (flows back through dropout)
         if need_a:
-            dA = (g.t() @ xd2).mul_(s).to(ctx.dtypes[0])       # (r, k)
+            dA = (gs.t() @ xd2).to(ctx.a_dtype)                # s g^T xd, (r, k)
         if need_b:
-            dB = (dy2.t() @ xa).mul_(s).to(ctx.dtypes[1])      # (d, r)
-        return dx, dxd, None, None, dA, dB, None
+            dB = torch.mm(xa.t(), dy2).mul_(s).t().to(ctx.b_dtype)  # s dY^T xa = (s xa^T dY)^T, (d, r)
+        return dx, dxd, None, None, dA, dB, None, None
+
+
+def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
+                        B: Tensor, scale: float, merged: bool) -> Tensor:
+    """The forward alone (inference): no autograd node, the fewest kernels."""
+    d, k = weight.shape
+    x2 = x.reshape(-1, k)
+    Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+    if merged and xd is None:
+        out = F.linear(x2, _merged_weight(weight, Ac, Bc, scale), bias)
+    else:
+        out = F.linear(x2, weight, bias)
+        out.addmm_(x2 @ Ac.t() if xd is None else xd.reshape(-1, k) @ Ac.t(), Bc.t(), alpha=scale)
+    return out.view(*x.shape[:-1], d)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
-                x_drop: Optional[Tensor] = None) -> Tensor:
+                x_drop: Optional[Tensor] = None, *, mode: str = "auto") -> Tensor:
     """The fast path for y = x W0^T + b + s (x_drop A^T) B^T (same signature as the reference).
 
-    Under autocast the operands are cast to the autocast dtype first, as autocast would.
+    ``mode``: "auto" (``merged_is_cheaper`` decides per call from the shapes), "merged" or
+    "unmerged" (for benchmarks and tests; both compute the same function). With dropout
+    (``x_drop`` given) the unmerged form is always used. Under autocast the operands are
+    cast to the autocast dtype first, as autocast would. Without gradients (inference,
+    ``torch.no_grad``) no autograd node is built.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, A, B, scale, x_drop)
-    xd = x if x_drop is None else x_drop
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        same = xd is x
-        x = x.to(dt)
-        xd = x if same else xd.to(dt)
-        weight = weight.to(dt)
+        x, weight = x.to(dt), weight.to(dt)
+        x_drop = x_drop.to(dt) if x_drop is not None else None
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev, enabled=False):
-            return _LoraLinearFn.apply(x, xd, weight, bias, A, B, scale)
+            return lora_linear(x, weight, bias, A, B, scale, x_drop, mode=mode)
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
-    return _LoraLinearFn.apply(x, xd, weight, bias, A, B, scale)
+    grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                        or (x_drop is not None and x_drop.requires_grad))
+    if mode == "auto":
+        d, k = weight.shape
+        merged = merged_is_cheaper(x.numel() // k, d, k, grad)
+    else:
+        merged = mode == "merged"
+    if grad:
+        return _LoraLinearFn.apply(x, x_drop, weight, bias, A, B, scale, merged)
+    return _lora_linear_nograd(x, x_drop, weight, bias, A, B, scale, merged)
 
 
 def lora_embedding(ids: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float, **embed_kwargs) -> Tensor:

@@ -1,0 +1,247 @@
+"""Training-step benchmark: lorakit vs PEFT vs the frozen-base bound, side by side in one process.
+
+Every variant runs the same model shape, the same random batch and the same loop::
+
+    h    = model.model(ids).last_hidden_state          # decoder, (batch, seq, hidden)
+    loss = CE(h @ W_head^T, labels)                    # logits upcast to float32, as transformers does
+    loss.backward(); opt.step(); opt.zero_grad()       # AdamW over whatever trains
+
+Variants (``--variants``, comma separated; ``@r64`` picks the rank):
+
+    bound            every parameter frozen, gradients for activations only (the LoRA bound)
+    full             full fine-tuning, AdamW over every parameter
+    peft             PEFT LoRA, its defaults (float32 adapters on a bfloat16 base)
+    peft-bf16        PEFT LoRA with adapters in the base dtype (autocast_adapter_dtype=False)
+    lorakit          lorakit.inject, adapters in the base dtype (the default)
+    lorakit-fp32     lorakit with adapter_dtype="float32"
+    lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
+    X+compile        X with every decoder layer and the loss compiled (torch.compile, regional)
+
+Usage::
+
+    PYTHONPATH=. python bench/train_step.py --device cpu            # SmolLM2-135M widths, 16 layers
+    PYTHONPATH=. python bench/train_step.py --device cuda --size 1b  # the H200 anchor shape
+    PYTHONPATH=. python bench/train_step.py --device cuda --size 8b --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+CPU_VARIANTS = "bound,full,peft,lorakit,lorakit+fused-loss,peft@r64,lorakit@r64"
+GPU_VARIANTS = ("bound,bound+compile,full,peft,peft-bf16,peft+compile,lorakit,lorakit-fp32,lorakit+compile,"
+                "lorakit+fused-loss,lorakit+fused-loss+compile,peft@r64,peft-bf16@r64,lorakit@r64,lorakit@r64+compile")
+
+
+def parse_variant(spec: str) -> dict:
+    """'peft-bf16@r64+compile' -> {kind: peft, bf16: True, r: 64, compile: True, fused_loss: False, fp32: False}."""
+    name = spec.strip()
+    compile_ = "+compile" in name
+    fused = "+fused-loss" in name
+    base = name.replace("+compile", "").replace("+fused-loss", "")
+    r = 16
+    if "@r" in base:
+        base, rs = base.split("@r")
+        r = int(rs)
+    kind = base.split("-")[0]
+    if kind not in ("bound", "full", "peft", "lorakit"):
+        raise SystemExit(f"unknown variant {spec!r}")
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused,
+                bf16=base == "peft-bf16", fp32=base == "lorakit-fp32")
+
+
+def standard_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy with full logits, upcast to float32 (transformers' ForCausalLMLoss)."""
+    logits = F.linear(h, w).float()                                   # (B, T, V) float32
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def fused_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from lorakit.loss import linear_cross_entropy
+    return linear_cross_entropy(h, w, labels)
+
+
+def setup(v: dict, model, lr: float = 1e-4):
+    """Freeze / inject per variant; returns the optimizer (None for the bound)."""
+    if v["kind"] == "bound":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return None
+    if v["kind"] == "full":
+        return torch.optim.AdamW(model.parameters(), lr=lr)
+    if v["kind"] == "peft":
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=v["r"], lora_alpha=2 * v["r"], lora_dropout=0.0, target_modules=common.TARGETS7)
+        pm = get_peft_model(model, cfg, autocast_adapter_dtype=not v["bf16"])
+        return torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    import lorakit
+    cfg = lorakit.LoraConfig(r=v["r"], alpha=2 * v["r"], target_modules=common.TARGETS7,
+                             adapter_dtype="float32" if v["fp32"] else "auto")
+    lorakit.inject(model, cfg)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def make_step(v: dict, model, opt, ids, labels):
+    """(step, forward_loss): one full training step, and the forward + loss alone."""
+    backbone, head_w = model.model, model.lm_head.weight
+    loss_fn = fused_loss if v["fused_loss"] else standard_loss
+    if v["compile"]:
+        for layer in backbone.layers:
+            layer.compile()
+        loss_fn = torch.compile(loss_fn)
+
+    def forward_loss():
+        return loss_fn(backbone(input_ids=ids).last_hidden_state, head_w, labels)
+
+    def step():
+        loss = forward_loss()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, forward_loss
+
+
+def prepare(v: dict, args, dtype) -> dict:
+    """Build the model, inject/freeze per variant, and measure the bytes saved for backward."""
+    model = common.build_llama(args.size, args.device, dtype, seed=0, layers=args.layers)
+    ids, labels = common.random_batch(args.batch, args.seq, model.config.vocab_size, args.device)
+    opt = setup(v, model)
+    step, forward_loss = make_step(v, model, opt, ids, labels)
+    saved = None if v["compile"] else common.saved_bytes(forward_loss, model) / 2**20
+    return dict(v=v, model=model, opt=opt, step=step, saved=saved, times=[], cpu_times=[])
+
+
+def result_row(p: dict, args) -> dict:
+    v, times = p["v"], p["times"]
+    med = common.median(times)
+    return dict(variant=v["name"], r=v["r"] if v["kind"] in ("peft", "lorakit") else None,
+                step_ms=med * 1e3, tokens_per_s=args.batch * args.seq / med,
+                cpu_step_ms=common.median(p["cpu_times"]) * 1e3 if p["cpu_times"] else None,
+                peak_gib=p.get("peak"), saved_mib=p["saved"], spread=(max(times) - min(times)) / med)
+
+
+def run_sequential(v: dict, args, dtype) -> dict:
+    """One variant alone on the device (GPU: its peak memory is its own)."""
+    common.reset_peak(args.device)
+    p = prepare(v, args, dtype)
+    common.reset_peak(args.device)
+    p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps)
+    p["peak"] = common.peak_gib(args.device)
+    row = result_row(p, args)
+    p.clear()
+    common.free()
+    return row
+
+
+def run_interleaved(specs: list[dict], args, dtype) -> list[dict]:
+    """CPU: all variants built at once and stepped in turn, one step each per round, so that
+    load from other processes on a shared machine falls on every variant alike."""
+    import time
+    ps = [prepare(v, args, dtype) for v in specs]
+    for p in ps:
+        for _ in range(args.warmup):
+            p["step"]()
+    for i in range(args.steps):
+        for p in (ps if i % 2 == 0 else ps[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            p["step"]()
+            p["times"].append(time.perf_counter() - t0)
+            p["cpu_times"].append(time.process_time() - c0)
+        print(f"round {i + 1}/{args.steps}", flush=True)
+    return [result_row(p, args) for p in ps]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """x bound (eager bound; compiled variants also vs the compiled bound) and x PEFT (same rank, same mode)."""
+    by = {r["variant"]: r for r in rows}
+
+    def tps(name):
+        return by[name]["tokens_per_s"] if name in by else None
+
+    for r in rows:
+        comp = "+compile" in r["variant"]
+        bound = tps("bound+compile" if comp else "bound")
+        r["x_bound"] = r["tokens_per_s"] / bound if bound else None
+        rb = by.get("bound+compile" if comp else "bound")
+        if rb and rb.get("peak_gib") and r.get("peak_gib"):
+            r["mem_x_bound"] = r["peak_gib"] / rb["peak_gib"]
+        suffix = "" if r["r"] in (None, 16) else f"@r{r['r']}"
+        peft = tps("peft" + suffix + ("+compile" if comp else ""))
+        r["x_peft"] = r["tokens_per_s"] / peft if peft and r["r"] is not None else None
+        peft16 = tps("peft-bf16" + suffix)
+        r["x_peft_bf16"] = r["tokens_per_s"] / peft16 if peft16 and r["r"] is not None and not comp else None
+
+
+COLUMNS = [("variant", "variant", ""), ("tokens_per_s", "tokens/s", "{:,.0f}"), ("step_ms", "step ms", "{:.1f}"),
+           ("x_bound", "x bound", "{:.3f}"), ("x_peft", "x PEFT", "{:.2f}"), ("x_peft_bf16", "x PEFT-bf16", "{:.2f}"),
+           ("peak_gib", "peak GiB", "{:.2f}"), ("mem_x_bound", "mem x bound", "{:.3f}"),
+           ("saved_mib", "saved MiB", "{:,.0f}"), ("cpu_step_ms", "CPU-time ms", "{:.0f}"),
+           ("spread", "spread", "{:.0%}")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default=None, choices=sorted(common.SIZES), help="default: smol on cpu, 1b on cuda")
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--variants", default=None)
+    p.add_argument("--sequential", action="store_true", help="cpu: one variant after another, not interleaved")
+    p.add_argument("--out", default=None, help="result stem (writes STEM.json and STEM.md)")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.size = args.size or ("smol" if cpu else "1b")
+    args.batch = args.batch or (4 if cpu else 8)
+    args.seq = args.seq or (128 if cpu else 1024)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cpu else 5)
+    if cpu:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.float32 if cpu else torch.bfloat16
+    specs = [parse_variant(s) for s in (args.variants or (CPU_VARIANTS if cpu else GPU_VARIANTS)).split(",")]
+    if cpu and not args.sequential:
+        rows = run_interleaved(specs, args, dtype)
+    else:
+        rows = []
+        for v in specs:
+            try:
+                rows.append(run_sequential(v, args, dtype))
+            except torch.OutOfMemoryError as e:  # a variant that does not fit is reported, not fatal
+                common.free()
+                rows.append(dict(variant=v["name"], r=v["r"], error=f"OOM: {str(e)[:120]}", tokens_per_s=0.0))
+            print(f"{rows[-1]['variant']:<32} {rows[-1]['tokens_per_s']:>12,.0f} tok/s  "
+                  f"peak {rows[-1].get('peak_gib') or 0:6.2f} GiB", flush=True)
+    add_ratios([r for r in rows if "error" not in r])
+    meta = common.env_info(args.device)
+    s = common.SIZES[args.size]
+    meta.update(title=f"Training step, {args.size} shape, {args.device}", size=args.size, batch=args.batch,
+                seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=str(dtype),
+                setup=(f"Llama shape `{args.size}` (hidden {s['hidden']}, {args.layers or s['layers']} layers, "
+                       f"MLP {s['inter']}, {s['heads']} heads, {s['kv']} KV heads, vocab {s['vocab']}, "
+                       f"{'tied' if s['tie'] else 'untied'} head), {str(dtype).replace('torch.', '')}, batch "
+                       f"{args.batch} x {args.seq} tokens, LoRA alpha = 2r on {', '.join(common.TARGETS7)}, "
+                       f"dropout 0, AdamW; median of {args.steps} steps after {args.warmup} warm-up steps."))
+    table = common.markdown_table(rows, COLUMNS)
+    print("\n" + table)
+    if args.out:
+        common.write_results(args.out, meta, rows, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""lorakit.ops: the fast LoRA linear path against the plain-autograd reference.
+
+Outputs and gradients (x, A, B) on random inputs for many shapes and ranks, both forms
+(merged / unmerged) and the automatic choice, with and without bias, dropout, 1-D/2-D/3-D
+and non-contiguous inputs, float32 adapters on a bfloat16 base, autocast, no-grad
+inference, what is saved for backward, and torch.compile(fullgraph=True). float32 on CPU:
+relative error < 1e-5. GPU tests (bfloat16: < 1e-2) are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from lorakit import ops
+
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+
+MODES = ["auto", "merged", "unmerged"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are 0)."""
+    a, b = a.double(), b.double()
+    nb = b.norm().item()
+    return (a - b).norm().item() / nb if nb > 0 else (a - b).norm().item()
+
+
+def make(n_lead, k, d, r, *, bias=True, dtype=torch.float32, adapter_dtype=None, seed=0, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    adt = adapter_dtype or dtype
+    x = torch.randn(*n_lead, k, generator=g, device=device, dtype=dtype)
+    w = torch.randn(d, k, generator=g, device=device, dtype=dtype) / k ** 0.5
+    b = torch.randn(d, generator=g, device=device, dtype=dtype) if bias else None
+    A = torch.randn(r, k, generator=g, device=device, dtype=adt) / k ** 0.5
+    B = torch.randn(d, r, generator=g, device=device, dtype=adt)
+    return x, w, b, A, B
+
+
+def run(fn, x, w, b, A, B, s, x_drop=None, seed=7, **kw):
+    """y = fn(...) and d(sum(y * c))/d(x, A, B) for a random c (grad_output not all ones)."""
+    x = x.detach().requires_grad_()
+    A = A.detach().requires_grad_()
+    B = B.detach().requires_grad_()
+    xd = None
+    if x_drop is not None:                      # the same mask on both sides: x_drop = x * mask
+        xd = x * x_drop
+    y = fn(x, w, b, A, B, s, xd, **kw)
+    c = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
+    gx, gA, gB = torch.autograd.grad((y * c).sum(), (x, A, B))
+    return y, gx, gA, gB
+
+
+def check_same(got, want, tol):
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        assert rel(a, b) < tol, (name, rel(a, b))
+
+
+# ---------------------------------------------------------------------------- float32 parity
+SHAPES = [((7,), 5, 6, 1), ((2, 9), 16, 12, 4), ((3, 4, 5), 31, 17, 8), ((40,), 8, 8, 3),
+          ((1,), 1, 1, 1), ((2, 64), 24, 40, 16), ((130,), 12, 20, 2), ((5,), 64, 3, 32)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lead,k,d,r", SHAPES)
+def test_fast_matches_reference_float32(mode, lead, k, d, r):
+    for bias in (True, False):
+        args = make(lead, k, d, r, bias=bias, seed=k * d + r)
+        want = run(ops.lora_linear_reference, *args, 1.7)
+        got = run(ops.lora_linear, *args, 1.7, mode=mode)
+        check_same(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_input_feeds_only_the_adapter(mode):
+    x, w, b, A, B = make((3, 10), 12, 9, 4)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) > 0.3).float() / 0.7
+    want = run(ops.lora_linear_reference, x, w, b, A, B, 0.5, x_drop=mask)
+    got = run(ops.lora_linear, x, w, b, A, B, 0.5, x_drop=mask, mode=mode)
+    check_same(got, want, 1e-5)
+
+
+def test_one_dimensional_input():
+    x, w, b, A, B = make((), 11, 7, 3)
+    assert x.shape == (11,)
+    got = run(ops.lora_linear, x, w, b, A, B, 2.0)
+    assert got[0].shape == (7,)
+    check_same(got, run(ops.lora_linear_reference, x, w, b, A, B, 2.0), 1e-5)
+
+
+def test_empty_input():
+    x, w, b, A, B = make((0, 3), 6, 5, 2)
+    got = run(ops.lora_linear, x, w, b, A, B, 2.0)
+    assert got[0].shape == (0, 3, 5) and torch.count_nonzero(got[2]) == 0 and torch.count_nonzero(got[3]) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs_weight_and_grad_output(mode):
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(4, 6, 30, generator=g)
+    x = big[:, ::2, 1::2]                                  # (4, 3, 15), strided in every dim
+    w_kd = torch.randn(15, 9, generator=g)                 # GPT-2 Conv1D stores (k, d): W_dk is a view
+    w = w_kd.t()
+    A, B = torch.randn(5, 15, generator=g), torch.randn(9, 5, generator=g)
+    assert not x.is_contiguous() and not w.is_contiguous()
+
+    def through_transpose(fn, *a, **kw):                  # grad_output arrives non-contiguous
+        return fn(*a, **kw).transpose(0, 1)
+
+    want = run(lambda *a: through_transpose(ops.lora_linear_reference, *a), x, w, None, A, B, 0.3)
+    got = run(lambda *a: through_transpose(ops.lora_linear, *a, mode=mode), x, w, None, A, B, 0.3)
+    check_same(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_adapters_on_bfloat16_base(mode):
+    x, w, b, A, B = make((4, 8), 32, 24, 8, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    want = run(ops.lora_linear_reference, x, w, b, A, B, 2.0)
+    got = run(ops.lora_linear, x, w, b, A, B, 2.0, mode=mode)
+    assert got[2].dtype == got[3].dtype == torch.float32 and got[0].dtype == got[1].dtype == torch.bfloat16
+    check_same(got, want, 1e-2)
+
+
+def test_autocast_casts_like_autocast():
+    x, w, b, A, B = make((2, 6), 16, 12, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = run(ops.lora_linear_reference, x, w, b, A, B, 2.0)
+        got = run(ops.lora_linear, x, w, b, A, B, 2.0)
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    assert got[1].dtype == torch.float32 and got[2].dtype == got[3].dtype == torch.float32
+    check_same(got, want, 1e-2)
+
+
+def test_trainable_base_weight_falls_back_to_reference():
+    x, w, b, A, B = make((3,), 5, 4, 2)
+    w = w.clone().requires_grad_()
+    y = ops.lora_linear(x, w, b, A, B, 1.0)
+    (gw,) = torch.autograd.grad(y.sum(), (w,))
+    (gw_ref,) = torch.autograd.grad(ops.lora_linear_reference(x, w, b, A, B, 1.0).sum(), (w,))
+    assert torch.equal(gw, gw_ref)
+
+
+def test_dtype_mismatch_is_refused():
+    x, w, b, A, B = make((3,), 5, 4, 2)
+    with pytest.raises(TypeError, match="differs from the base weight"):
+        ops.lora_linear(x.double(), w, b, A, B, 1.0)
+
+
+# ---------------------------------------------------------------------------- no-grad and forms
+@pytest.mark.parametrize("mode", MODES)
+def test_no_grad_forward_builds_no_node(mode):
+    x, w, b, A, B = make((5, 7), 16, 10, 4)
+    A.requires_grad_()
+    with torch.no_grad():
+        y = ops.lora_linear(x, w, b, A, B, 0.8, mode=mode)
+    assert y.grad_fn is None and not y.requires_grad
+    assert rel(y, ops.lora_linear_reference(x, w, b, A, B, 0.8).detach()) < 1e-5
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    with torch.no_grad():
+        y = ops.lora_linear(x, w, b, A, B, 0.8, x * mask, mode=mode)
+    assert rel(y, ops.lora_linear_reference(x, w, b, A, B, 0.8, x * mask)) < 1e-5
+
+
+def test_merged_is_cheaper_rule():
+    # training: N (d + k) > 2 d k; inference: N (k + 2d) > 2 d k
+    assert ops.merged_is_cheaper(8192, 2048, 2048, training=True)
+    assert not ops.merged_is_cheaper(8, 2048, 2048, training=True)
+    assert not ops.merged_is_cheaper(2048, 2048, 2048, training=True)      # equal cost: unmerged
+    assert ops.merged_is_cheaper(2049, 2048, 2048, training=True)
+    assert ops.merged_is_cheaper(1366, 2048, 2048, training=False)         # 2/3 of k
+    assert not ops.merged_is_cheaper(8, 4096, 14336, training=False)
+
+
+def test_forms_choose_by_token_count(monkeypatch):
+    calls = []
+    real = ops._merged_weight
+    monkeypatch.setattr(ops, "_merged_weight", lambda *a: calls.append(1) or real(*a))
+    x, w, b, A, B = make((3000,), 8, 8, 2)
+    x.requires_grad_()
+    A.requires_grad_()
+    ops.lora_linear(x, w, b, A, B, 1.0).sum().backward()
+    assert len(calls) == 2                              # forward and backward rebuild W'
+    calls.clear()
+    ops.lora_linear(x[:4], w, b, A, B, 1.0).sum().backward()
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------- memory
+def test_saves_x_once_and_only_small_tensors_otherwise():
+    """q/k/v read one x: what autograd keeps is x's own storage plus (N, r) tensors and weights."""
+    n, k, r = 64, 32, 4
+    x = torch.randn(n, k, requires_grad=True)
+    h = x * 2.0                                         # the shared input (a norm's output, say)
+    layers = [(torch.randn(d, k), torch.randn(r, k, requires_grad=True), torch.randn(d, r, requires_grad=True))
+              for d in (32, 8, 8)]
+    weights = {t.untyped_storage().data_ptr() for lw in layers for t in lw}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ys = [ops.lora_linear(h, w, None, A, B, 2.0) for w, A, B in layers]
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() > n * r}
+    assert big == {h.untyped_storage().data_ptr()}      # the activation, saved once, never copied
+    assert all(t.dtype == torch.float32 for t in saved)
+    assert sum(t.numel() for t in saved if t.numel() <= n * r) <= 3 * n * r
+    sum(y.sum() for y in ys).backward()
+
+
+def test_bfloat16_base_saves_no_float32_activation():
+    x, w, b, A, B = make((16, 8), 32, 24, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.lora_linear(x, w, b, A, B, 2.0)
+    assert all(t.dtype == torch.bfloat16 for t in saved if t.shape[0] == 128)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_ops_compile_fullgraph_forward_and_backward(mode):
+    x, w, b, A, B = make((3, 5), 8, 6, 2)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    fn = torch.compile(ops.lora_linear, fullgraph=True, backend="aot_eager")
+    for m in (None, mask):
+        want = run(ops.lora_linear_reference, x, w, b, A, B, 1.5, x_drop=m)
+        got = run(fn, x, w, b, A, B, 1.5, x_drop=m, mode=mode)
+        check_same(got, want, 1e-5)
+
+
+def test_injected_model_compiles_fullgraph_and_matches_eager():
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=32, layers=1)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                              "gate_proj", "up_proj", "down_proj"]))
+    randomize_adapters(model, std=0.2)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    params = lorakit.adapter_parameters(model)
+    eager = model(ids).logits
+    eager.square().mean().backward()
+    want = [p.grad.clone() for p in params]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    assert rel(out, eager) < 1e-5
+    out.square().mean().backward()
+    for p, g in zip(params, want):
+        assert rel(p.grad, g) < 1e-5
+
+
+# ---------------------------------------------------------------------------- GPU (bfloat16)
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n,k,d,r", [(8192, 2048, 2048, 16), (4096, 2048, 8192, 64), (8, 4096, 1024, 16),
+                                     (333, 136, 72, 8)])
+def test_gpu_bfloat16_matches_float32_reference(mode, n, k, d, r):
+    x, w, b, A, B = make((n,), k, d, r, dtype=torch.bfloat16, device="cuda")
+    B = B * 0.05
+    want = run(ops.lora_linear_reference, *(t.float() if t is not None else None for t in (x, w, b, A, B)), 2.0)
+    got = run(ops.lora_linear, x, w, b, A, B, 2.0, mode=mode)
+    for name, a, ref in zip(("y", "dx", "dA", "dB"), got, want):
+        assert a.dtype == torch.bfloat16 and rel(a, ref) < 1e-2, (name, rel(a, ref))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_float32_adapters_and_compile():
+    x, w, b, A, B = make((4, 512), 256, 384, 16, dtype=torch.bfloat16, adapter_dtype=torch.float32, device="cuda")
+    want = run(ops.lora_linear_reference, x.float(), w.float(), b.float(), A, B, 2.0)
+    got = run(ops.lora_linear, x, w, b, A, B, 2.0)
+    assert got[2].dtype == torch.float32
+    for a, ref in zip(got, want):
+        assert rel(a, ref) < 1e-2
+    fn = torch.compile(ops.lora_linear, fullgraph=True)              # inductor, real kernels
+    for a, ref in zip(run(fn, x, w, b, A, B, 2.0), want):
+        assert rel(a, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_no_grad_decode_and_prefill():
+    for n in (8, 16384):
+        x, w, b, A, B = make((n,), 1024, 2048, 16, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            y = ops.lora_linear(x, w, b, A, B, 2.0)
+        assert rel(y, ops.lora_linear_reference(x.float(), w.float(), b.float(), A.float(), B.float(), 2.0)) < 1e-2
+
+
+def test_embedding_fast_matches_reference():
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    w = torch.randn(20, 6)
+    A, B = torch.randn(4, 20, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    y1 = ops.lora_embedding(ids, w, A, B, 0.5, padding_idx=2)
+    y2 = ops.lora_embedding_reference(ids, w, A, B, 0.5, padding_idx=2)
+    g1 = torch.autograd.grad(y1.square().sum(), (A, B))
+    g2 = torch.autograd.grad(y2.square().sum(), (A, B))
+    assert rel(y1, y2) < 1e-6 and all(rel(a, b) < 1e-6 for a, b in zip(g1, g2))
+
+
+def test_gpt2_conv1d_layer_uses_fast_path_and_matches_reference():
+    model = tiny_gpt2()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize_adapters(model, std=0.1)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = model(ids).logits
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(2, 5, 32)
+    a = layer.adapters["default"]
+    want = ops.lora_linear_reference(x, layer.base_weight_dk(), layer.base.bias, a.lora_A, a.lora_B, a.scale)
+    assert rel(layer(x), want) < 1e-5 and torch.isfinite(out).all()
+
+
+def test_linear_module_zero_b_equals_base_exactly():
+    lin = nn.Linear(8, 6)
+    x = torch.randn(5, 8)
+    A, B = torch.randn(2, 8), torch.zeros(6, 2)
+    for mode in ("unmerged", "merged"):
+        y = ops.lora_linear(x, lin.weight.detach(), lin.bias.detach(), A, B, 3.0, mode=mode)
+        assert torch.equal(y, F.linear(x, lin.weight, lin.bias).detach())
