@@ -300,3 +300,45 @@ def test_api_guide_examples_run(tmp_path, monkeypatch):
     namespace = {"__name__": "api_guide"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{guide}:block{i}", "exec"), namespace)
+
+
+# ---------------------------------------------------------------------------- copies, casts, devices
+def test_deepcopy_is_independent_and_casts_follow_the_model():
+    model, base = two_adapters()
+    twin = copy.deepcopy(model)
+    lorakit.set_adapter(twin, "b")
+    lorakit.delete_adapter(twin, "a")
+    assert lorakit.active_adapter(model) == "a" and lorakit.adapter_names(model) == ["a", "b"]
+    assert lorakit.adapter_names(twin) == ["b"]
+    out = run(model)
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in lorakit.adapter_parameters(model))
+    torch.testing.assert_close(run(model).float(), out, rtol=1e-5, atol=1e-5)
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(run(model).float(), run(base), rtol=1e-5, atol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_inject_disable_merge_unmerge(dtype):
+    base, model = tiny_llama().to("cuda", dtype), tiny_llama().to("cuda", dtype)
+    ids = IDS.cuda()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", adapter_dtype="float32"))
+    assert all(p.is_cuda and p.dtype == torch.float32 for p in lorakit.adapter_parameters(model))
+    assert torch.equal(run(model, ids), run(base, ids))
+    randomize_adapters(model, std=0.1)
+    out = run(model, ids)
+    with lorakit.disable_adapters(model):
+        assert torch.equal(run(model, ids), run(base, ids))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    lorakit.merge(model)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert rel_err(run(model, ids).float(), out.float()) < tol
+    lorakit.unmerge(model)
+    for k, v in model.state_dict().items():
+        # float32: rounding only; bfloat16: W0 + d rounds once on merge and once on unmerge
+        torch.testing.assert_close(v, w0[k], rtol=0 if dtype == torch.float32 else 1e-2,
+                                   atol=2e-6 if dtype == torch.float32 else 1e-2)

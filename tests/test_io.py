@@ -355,3 +355,25 @@ def test_duplicate_name_missing_folder_and_merged_model(saved, tmp_path):
     with pytest.raises(lorakit.AdapterNotFound, match=r"available adapters: \['a'\]"):
         lorakit.save_adapter(model, tmp_path / "x", name="zz")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_save_and_load_across_devices(tmp_path):
+    model = tiny_llama().cuda()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    randomize_adapters(model)
+    expected = run(model, IDS.cuda())
+    lorakit.save_adapter(model, tmp_path)
+    on_gpu = tiny_llama().cuda()
+    lorakit.load_adapter(on_gpu, tmp_path)
+    assert all(p.is_cuda for p in lorakit.adapter_parameters(on_gpu))
+    assert torch.equal(run(on_gpu, IDS.cuda()), expected)
+    on_cpu = tiny_llama()
+    lorakit.load_adapter(on_cpu, tmp_path)
+    torch.testing.assert_close(run(on_cpu), expected.cpu(), rtol=1e-4, atol=1e-4)
+    before = snapshot(on_gpu)                            # a failing load on a GPU model changes nothing
+    with pytest.raises(lorakit.ShapeMismatch):
+        lorakit.load_adapter(tiny_llama(hidden=48).cuda(), tmp_path)
+    with pytest.raises(lorakit.AdapterExists):
+        lorakit.load_adapter(on_gpu, tmp_path)
+    assert_unchanged(on_gpu, before)
