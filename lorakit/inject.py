@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterExists, ConfigError, LoraError, TargetNotFound, UnsupportedModule, preview
+from .errors import AdapterExists, ConfigError, LoraError, MergedStateError, TargetNotFound, UnsupportedModule, preview
 from .layers import LoraLayer, LoraLinear, LoraState, SavedModule, supported_base, unsupported_reason
 
 # Well-known target names used when target_modules is None (attention query and value, as in the paper).
@@ -242,7 +242,6 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     if state is not None and name in state.configs:
         raise AdapterExists(f"adapter {name!r} already exists on this model; adapters: {list(state.configs)}")
     if state is not None and state.merged is not None:
-        from .errors import MergedStateError
         raise MergedStateError(f"adapter {state.merged!r} is merged; unmerge(model) before adding adapters")
     paths = resolve_targets(model, config)          # validates before any change
     saved = resolve_saved(model, config)

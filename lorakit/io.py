@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterExists, AdapterFormatError, ConfigError, LoraError, MergedStateError, ShapeMismatch, preview
+from .errors import AdapterExists, AdapterFormatError, MergedStateError, ShapeMismatch, preview
 from .inject import (add_adapter, base_of, check_adapter_name, find_state, lora_layers, resolve_saved,
                      resolve_targets, saved_modules)
 from .layers import LoraLinear, adapter_shapes, supported_base

@@ -137,7 +137,8 @@ MERGE_CASES = {
     "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj", "embed_tokens"], IDS),
     "gpt2": (tiny_gpt2, ["c_attn", "c_fc", "wpe"], IDS),
     "bert": (tiny_bert, ["query", "value", "dense"], IDS),
-    "cnn": (CNN, ["conv1", "conv2", "seq", "head"], torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))),
+    "cnn": (CNN, ["conv1", "conv2", "seq", "head"],
+            torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))),
 }
 
 

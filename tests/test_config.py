@@ -71,7 +71,8 @@ def test_rank_and_alpha_patterns_follow_peft():
     cfg = LoraConfig(r=8, alpha=16, rank_pattern={"q_proj": 4, r"layers\.1\.self_attn\.v_proj": 2, "mlp.*": 12},
                      alpha_pattern={"v_proj": 3})
     paths = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.v_proj",
-             "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.xq_proj", "q_proj", "model.layers.11.self_attn.v_proj"]
+             "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.xq_proj", "q_proj",
+             "model.layers.11.self_attn.v_proj"]
     for path in paths:
         key = get_pattern_key(cfg.rank_pattern.keys(), path)
         assert cfg.rank_for(path) == cfg.rank_pattern.get(key, cfg.r), path
