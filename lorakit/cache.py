@@ -59,9 +59,11 @@ class _HostCopy:
 
     @torch.no_grad()
     def store(self) -> None:
-        """Copy the parameters' current values into the host buffers."""
-        for p, view in self.views(self.flats):
-            view.copy_(p.detach())
+        """Copy the parameters' current values into the host buffers: per dtype, one
+        concatenation on the device and one copy to the host."""
+        for dt, flat in self.flats.items():
+            parts = [p.detach().reshape(-1) for p, d, _ in self.layout if d == dt]
+            flat.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def point_home(self) -> None:
         """Point every parameter (and its gradient) at the host copy, freeing the device copy."""

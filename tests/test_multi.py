@@ -147,7 +147,7 @@ def test_generate_keeps_row_adapters():
     m = llama_with_adapters(trainable=False)
     names = ["js", "sql", None]
     ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(4))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     ref = rows_alone(m, ids, names, lambda mm, x: mm.generate(x, attention_mask=torch.ones_like(x), **kw))
     with batch_adapters(m, names):
         got = m.generate(ids, attention_mask=torch.ones_like(ids), **kw)
@@ -334,7 +334,7 @@ def test_cuda_llama_triton_and_torch_equal_rows_alone(dtype):
             with batch_adapters(m, NAMES, backend=backend):
                 got = m(ids).logits
             assert rel(got, ref) < tol, backend
-        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         names = ["js", "sql", None]
         gen_ref = rows_alone(m, ids[:3, :5], names, lambda mm, x: mm.generate(x, attention_mask=torch.ones_like(x), **kw))
         with batch_adapters(m, names, backend="triton"):
