@@ -15,7 +15,10 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     lorakit          lorakit.inject, adapters in the base dtype (the default)
     lorakit-fp32     lorakit with adapter_dtype="float32"
     lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
-    X+compile        X with every decoder layer and the loss compiled (torch.compile, regional)
+    X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
+                     the 16 identical layers share one compiled graph)
+    lorakit+compile-fn   lorakit compiled with the fast autograd path traced (ops.lora_linear),
+                     where LoraLinear traces the plain reference by default while compiling
 
 Usage::
 
@@ -36,9 +39,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 
-CPU_VARIANTS = "bound,full,peft,lorakit,lorakit+fused-loss,peft@r64,lorakit@r64"
-GPU_VARIANTS = ("bound,bound+compile,full,peft,peft-bf16,peft+compile,lorakit,lorakit-fp32,lorakit+compile,"
-                "lorakit+fused-loss,lorakit+fused-loss+compile,peft@r64,peft-bf16@r64,lorakit@r64,lorakit@r64+compile")
+CPU_VARIANTS = "bound,full,peft,lorakit,lorakit+fused-loss"
+GPU_VARIANTS = ("bound,full,peft,peft-bf16,lorakit,lorakit-fp32,lorakit+fused-loss,peft@r64,peft-bf16@r64,lorakit@r64,"
+                "bound+compile,peft+compile,lorakit+compile,lorakit+compile-fn")
 
 
 def parse_variant(spec: str) -> dict:
@@ -46,7 +49,8 @@ def parse_variant(spec: str) -> dict:
     name = spec.strip()
     compile_ = "+compile" in name
     fused = "+fused-loss" in name
-    base = name.replace("+compile", "").replace("+fused-loss", "")
+    fn = "+compile-fn" in name
+    base = name.replace("+compile-fn", "").replace("+compile", "").replace("+fused-loss", "")
     r = 16
     if "@r" in base:
         base, rs = base.split("@r")
@@ -54,7 +58,7 @@ def parse_variant(spec: str) -> dict:
     kind = base.split("-")[0]
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
-    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused,
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, compile_fn=fn,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32")
 
 
@@ -96,7 +100,8 @@ def make_step(v: dict, model, opt, ids, labels):
     if v["compile"]:
         for layer in backbone.layers:
             layer.compile()
-        loss_fn = torch.compile(loss_fn)
+        if not v["fused_loss"]:             # the fused loss is a chunked loop: it stays eager
+            loss_fn = torch.compile(loss_fn)
 
     def forward_loss():
         return loss_fn(backbone(input_ids=ids).last_hidden_state, head_w, labels)
@@ -110,6 +115,28 @@ def make_step(v: dict, model, opt, ids, labels):
         return loss
 
     return step, forward_loss
+
+
+class _TraceFastPath:
+    """For ``+compile-fn``: LoraLinear traces ``ops.lora_linear_reference`` while compiling; this
+    points it at the fast autograd function instead, for the duration of one variant."""
+
+    def __init__(self):
+        import types
+
+        import lorakit.layers as layers
+        from lorakit import ops
+        self.layers, self.ops = layers, ops
+        shim = types.ModuleType("ops_fast_under_compile")
+        shim.__dict__.update({k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")})
+        shim.lora_linear_reference = ops.lora_linear
+        self.shim = shim
+
+    def __enter__(self):
+        self.layers.ops = self.shim
+
+    def __exit__(self, *exc):
+        self.layers.ops = self.ops
 
 
 def prepare(v: dict, args, dtype) -> dict:
@@ -131,14 +158,35 @@ def result_row(p: dict, args) -> dict:
                 peak_gib=p.get("peak"), saved_mib=p["saved"], spread=(max(times) - min(times)) / med)
 
 
+def profile_step(p: dict, args) -> str:
+    """The top kernels of one step (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        p["step"]()
+        common.sync(args.device)
+    key = "device_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    return f"== {p['v']['name']}\n" + prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60)
+
+
 def run_sequential(v: dict, args, dtype) -> dict:
     """One variant alone on the device (GPU: its peak memory is its own)."""
     common.reset_peak(args.device)
-    p = prepare(v, args, dtype)
-    common.reset_peak(args.device)
-    p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps)
-    p["peak"] = common.peak_gib(args.device)
-    row = result_row(p, args)
+    ctx = _TraceFastPath() if v["compile_fn"] else None
+    if ctx:
+        ctx.__enter__()
+    try:
+        p = prepare(v, args, dtype)
+        common.reset_peak(args.device)
+        p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps)
+        p["peak"] = common.peak_gib(args.device)
+        row = result_row(p, args)
+        if v["name"] in args.profile and args.out:
+            with open(args.out + ".profile.txt", "a") as f:
+                f.write(profile_step(p, args) + "\n\n")
+    finally:
+        if ctx:
+            ctx.__exit__()
     p.clear()
     common.free()
     return row
@@ -201,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--variants", default=None)
     p.add_argument("--sequential", action="store_true", help="cpu: one variant after another, not interleaved")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile one step of (STEM.profile.txt)")
     p.add_argument("--out", default=None, help="result stem (writes STEM.json and STEM.md)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -213,20 +262,10 @@ def main(argv=None) -> int:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.float32 if cpu else torch.bfloat16
+    args.profile = [x for x in args.profile.split(",") if x]
+    if args.out and os.path.exists(args.out + ".profile.txt"):
+        os.remove(args.out + ".profile.txt")
     specs = [parse_variant(s) for s in (args.variants or (CPU_VARIANTS if cpu else GPU_VARIANTS)).split(",")]
-    if cpu and not args.sequential:
-        rows = run_interleaved(specs, args, dtype)
-    else:
-        rows = []
-        for v in specs:
-            try:
-                rows.append(run_sequential(v, args, dtype))
-            except torch.OutOfMemoryError as e:  # a variant that does not fit is reported, not fatal
-                common.free()
-                rows.append(dict(variant=v["name"], r=v["r"], error=f"OOM: {str(e)[:120]}", tokens_per_s=0.0))
-            print(f"{rows[-1]['variant']:<32} {rows[-1]['tokens_per_s']:>12,.0f} tok/s  "
-                  f"peak {rows[-1].get('peak_gib') or 0:6.2f} GiB", flush=True)
-    add_ratios([r for r in rows if "error" not in r])
     meta = common.env_info(args.device)
     s = common.SIZES[args.size]
     meta.update(title=f"Training step, {args.size} shape, {args.device}", size=args.size, batch=args.batch,
@@ -236,12 +275,33 @@ def main(argv=None) -> int:
                        f"{'tied' if s['tie'] else 'untied'} head), {str(dtype).replace('torch.', '')}, batch "
                        f"{args.batch} x {args.seq} tokens, LoRA alpha = 2r on {', '.join(common.TARGETS7)}, "
                        f"dropout 0, AdamW; median of {args.steps} steps after {args.warmup} warm-up steps."))
-    table = common.markdown_table(rows, COLUMNS)
-    print("\n" + table)
-    if args.out:
-        common.write_results(args.out, meta, rows, table)
+    if cpu and not args.sequential:
+        rows = run_interleaved(specs, args, dtype)
+    else:
+        rows = []
+        for v in specs:
+            try:
+                rows.append(run_sequential(v, args, dtype))
+            except Exception as e:  # noqa: BLE001 - a variant that fails (OOM, compile) is reported, not fatal
+                import traceback
+                traceback.print_exc()
+                rows.append(dict(variant=v["name"], r=v["r"], error=f"{type(e).__name__}: {str(e)[:160]}",
+                                 tokens_per_s=0.0))
+                common.free()
+            print(f"{rows[-1]['variant']:<32} {rows[-1]['tokens_per_s']:>12,.0f} tok/s  "
+                  f"peak {rows[-1].get('peak_gib') or 0:6.2f} GiB", flush=True)
+            finish(rows, meta, args, quiet=True)          # partial results survive a killed run
+    finish(rows, meta, args)
     return 0
 
+
+def finish(rows: list[dict], meta: dict, args, quiet: bool = False) -> None:
+    add_ratios([r for r in rows if "error" not in r])
+    table = common.markdown_table(rows, COLUMNS)
+    if not quiet:
+        print("\n" + table)
+    if args.out:
+        common.write_results(args.out, meta, rows, table)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The H200 runs behind bench/results/*_h200*: one call per stage, results under bench/results/
+# and copied to $OUT (when set) as results.tar + log.txt.
+#
+#   bash bench/h200.sh train1b     # GPU tests, per-projection profile, training step at the 1B shape
+#   bash bench/h200.sh infer8b     # inference at the 1B shape, training step at the 8B shape
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+OUT=${OUT:-/tmp/lorakit-bench}
+mkdir -p "$OUT" bench/results
+LOG=$OUT/log.txt
+R=bench/results
+py() { python3 "$@" 2>&1 | tee -a "$LOG"; }
+pack() { tar cf "$OUT/results.tar" $R; }
+trap pack EXIT
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+py -c "import torch, transformers, peft, triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)"
+
+case "${1:-}" in
+  train1b)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_loss.py 2>&1 | tail -15 | tee -a "$LOG"
+    py bench/linear_op.py --device cuda --size 1b --tokens 8192 --out $R/linear_op_1b_train_h200
+    py bench/linear_op.py --device cuda --size 1b --tokens 16384 --no-grad --out $R/linear_op_1b_prefill_h200
+    py bench/linear_op.py --device cuda --size 1b --tokens 8 --no-grad --out $R/linear_op_1b_decode_h200
+    timeout 420 python3 bench/train_step.py --device cuda --size 1b --profile bound,lorakit \
+      --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  infer8b)
+    timeout 150 python3 bench/infer.py --device cuda --size 1b --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    timeout 330 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,bound+compile,peft+compile,lorakit+compile}" \
+      --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  *)
+    echo "usage: bash bench/h200.sh train1b|infer8b"; exit 2 ;;
+esac

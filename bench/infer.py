@@ -1,0 +1,158 @@
+"""Inference benchmark: the base model vs one unmerged adapter (lorakit, PEFT) vs the merged model.
+
+Two measurements per variant, same model, same random prompts, side by side in one process:
+
+* prefill: ``model(ids, logits_to_keep=1)`` under ``torch.inference_mode`` (what generation's
+  first step computes), batch x seq tokens; tokens/s (median of ``--steps`` calls);
+* decoding: greedy ``model.generate`` from ``--prompt``-token prompts; milliseconds per new
+  token step = (t(1 + n new tokens) - t(1 new token)) / n, so the prompt's prefill cancels.
+
+Variants::
+
+    base             the plain model (no LoRA)
+    lorakit          lorakit.inject, one active unmerged adapter (B random, not zero)
+    lorakit-merged   the same adapter folded in and unloaded (lorakit.unload(merge=True)):
+                     plain modules again, the cost of any merged model
+    peft             PEFT, one unmerged adapter, its defaults (float32 adapter weights)
+    peft-bf16        PEFT, adapter weights in the base dtype
+
+    PYTHONPATH=. python bench/infer.py --device cpu
+    PYTHONPATH=. python bench/infer.py --device cuda --size 1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+VARIANTS = "base,lorakit,lorakit-merged,peft,peft-bf16"
+
+
+def randomize(params, std: float = 0.02) -> None:
+    """Non-zero adapters (zeros can run faster than real data and would hide a skipped term)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def prepare(name: str, args, dtype):
+    model = common.build_llama(args.size, args.device, dtype, seed=0, layers=args.layers).eval()
+    model.generation_config.pad_token_id = 0
+    if name.startswith("lorakit"):
+        import lorakit
+        lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=2 * args.r, target_modules=common.TARGETS7))
+        randomize(list(lorakit.adapter_parameters(model)))
+        if name == "lorakit-merged":
+            model = lorakit.unload(model, merge=True)
+    elif name.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=common.TARGETS7)
+        get_peft_model(model, cfg, autocast_adapter_dtype=name == "peft")
+        randomize([p for n, p in model.named_parameters() if "lora_" in n])
+    return model
+
+
+def measure(model, args) -> dict:
+    vocab = model.config.vocab_size
+    ids, _ = common.random_batch(args.batch, args.seq, vocab, args.device, seed=0)
+    prompts, _ = common.random_batch(args.gen_batch, args.prompt, vocab, args.device, seed=1)
+
+    def prefill():
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    def gen(n):
+        def run():
+            with torch.inference_mode():
+                model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               attention_mask=torch.ones_like(prompts))
+        return run
+
+    common.reset_peak(args.device)
+    t_pre = common.median(common.time_steps(prefill, args.device, args.warmup, args.steps))
+    peak = common.peak_gib(args.device)
+    t1 = common.median(common.time_steps(gen(1), args.device, 1, args.gen_reps))
+    tn = common.median(common.time_steps(gen(1 + args.new_tokens), args.device, 1, args.gen_reps))
+    return dict(prefill_ms=t_pre * 1e3, prefill_tok_s=args.batch * args.seq / t_pre, prefill_peak_gib=peak,
+                decode_ms_per_step=(tn - t1) / args.new_tokens * 1e3)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by = {r["variant"]: r for r in rows if "error" not in r}
+    base, merged = by.get("base"), by.get("lorakit-merged")
+    for r in by.values():
+        if base:
+            r["prefill_x_base"] = r["prefill_ms"] / base["prefill_ms"]
+            r["decode_x_base"] = r["decode_ms_per_step"] / base["decode_ms_per_step"]
+        if merged:
+            r["decode_x_merged"] = r["decode_ms_per_step"] / merged["decode_ms_per_step"]
+
+
+COLUMNS = [("variant", "variant", ""), ("prefill_tok_s", "prefill tok/s", "{:,.0f}"),
+           ("prefill_x_base", "prefill time x base", "{:.3f}"), ("decode_ms_per_step", "decode ms/step", "{:.2f}"),
+           ("decode_x_merged", "decode x merged", "{:.2f}"), ("decode_x_base", "decode x base", "{:.2f}"),
+           ("prefill_peak_gib", "prefill peak GiB", "{:.2f}")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default=None, choices=sorted(common.SIZES))
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--batch", type=int, default=None, help="prefill batch (rows)")
+    p.add_argument("--seq", type=int, default=None, help="prefill tokens per row")
+    p.add_argument("--gen-batch", type=int, default=None)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--gen-reps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default=VARIANTS)
+    p.add_argument("--out", default=None, help="result stem (STEM.json, STEM.md)")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.size = args.size or ("smol" if cpu else "1b")
+    args.batch = args.batch or (4 if cpu else 32)
+    args.seq = args.seq or (128 if cpu else 512)
+    args.gen_batch = args.gen_batch or (2 if cpu else 8)
+    args.prompt = args.prompt if not cpu or args.prompt != 128 else 32
+    args.new_tokens = args.new_tokens or (8 if cpu else 32)
+    args.gen_reps = args.gen_reps or (3 if cpu else 5)
+    if cpu:
+        args.steps = min(args.steps, 10)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    meta = common.env_info(args.device)
+    meta.update(title=f"Inference, {args.size} shape, {args.device}", size=args.size, r=args.r,
+                setup=(f"Llama shape `{args.size}`, {str(dtype).replace('torch.', '')}, random weights; LoRA "
+                       f"r={args.r} on all 7 projections. Prefill: batch {args.batch} x {args.seq} tokens, "
+                       f"last-token logits, median of {args.steps}. Decoding: greedy generate, batch "
+                       f"{args.gen_batch}, {args.prompt}-token prompts, time per step from {args.new_tokens} "
+                       f"extra new tokens (median of {args.gen_reps})."))
+    rows = []
+    for name in args.variants.split(","):
+        try:
+            model = prepare(name, args, dtype)
+            rows.append(dict(variant=name, **measure(model, args)))
+        except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
+        model = None
+        common.free()
+        print(rows[-1], flush=True)
+        add_ratios(rows)
+        if args.out:                                       # partial results survive a killed run
+            common.write_results(args.out, meta, rows, common.markdown_table(rows, COLUMNS))
+    table = common.markdown_table(rows, COLUMNS)
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
