@@ -40,6 +40,10 @@ class AdapterFormatError(LoraError):
     """An adapter file or folder is malformed: missing/unexpected keys, pickle files, bad header, ..."""
 
 
+class CheckpointError(LoraError):
+    """A model checkpoint cannot be read, or two checkpoints do not have the same architecture."""
+
+
 class MergedStateError(LoraError):
     """The operation is not allowed while an adapter is merged into the base weights (unmerge first)."""
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.demos import digits
+from lorakit.demos import digit_data, digits
 
 REQUIRED_KEYS = {"base_accuracy", "per_digit_errors_before", "worst_digit", "per_digit_errors_after",
                  "lora_accuracy", "disabled_identical", "base_weights_unchanged", "trainable_params",
@@ -43,21 +43,21 @@ def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
 def test_read_idx_round_trip(tmp_path, gz):
     a = np.arange(2 * 3 * 4, dtype="u1").reshape(2, 3, 4)
     write_idx(tmp_path / "a", a, gz)
-    np.testing.assert_array_equal(digits.read_idx(tmp_path / "a"), a)
+    np.testing.assert_array_equal(digit_data.read_idx(tmp_path / "a"), a)
     f = np.linspace(-1, 1, 6).astype(">f4")
     write_idx(tmp_path / "f", f, gz)
-    np.testing.assert_array_equal(digits.read_idx(tmp_path / "f"), f)
+    np.testing.assert_array_equal(digit_data.read_idx(tmp_path / "f"), f)
 
 
 def test_read_idx_errors(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01")
-    with pytest.raises(digits.DatasetError, match="not an IDX file"):
-        digits.read_idx(tmp_path / "bad")
+    with pytest.raises(digit_data.DatasetError, match="not an IDX file"):
+        digit_data.read_idx(tmp_path / "bad")
     write_idx(tmp_path / "short", np.zeros((4, 2), "u1"))
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
-    with pytest.raises(digits.DatasetError, match=r"expected 20 bytes for shape \[4, 2\], got 19"):
-        digits.read_idx(tmp_path / "short")
-    assert issubclass(digits.DatasetError, lorakit.LoraError)
+    with pytest.raises(digit_data.DatasetError, match=r"expected 20 bytes for shape \[4, 2\], got 19"):
+        digit_data.read_idx(tmp_path / "short")
+    assert issubclass(digit_data.DatasetError, lorakit.LoraError)
 
 
 def write_fake_mnist(folder, n_train=300, n_test=100, side=10, seed=0):
@@ -83,19 +83,19 @@ def test_mnist_missing_files_are_named(tmp_path):
     write_fake_mnist(tmp_path / "m")
     (tmp_path / "m" / "t10k-labels-idx1-ubyte.gz").unlink()
     (tmp_path / "m" / "t10k-images.idx3-ubyte").unlink()
-    with pytest.raises(digits.DatasetError) as e:
-        digits.load_mnist(str(tmp_path / "m"))
+    with pytest.raises(digit_data.DatasetError) as e:
+        digit_data.load_mnist(str(tmp_path / "m"))
     assert "t10k-images-idx3-ubyte" in str(e.value) and "t10k-labels-idx1-ubyte" in str(e.value)
     assert "train-images" not in str(e.value)
-    with pytest.raises(digits.DatasetError, match="no such folder"):
-        digits.load_mnist(str(tmp_path / "nowhere"))
+    with pytest.raises(digit_data.DatasetError, match="no such folder"):
+        digit_data.load_mnist(str(tmp_path / "nowhere"))
 
 
 def test_mnist_labels_must_match_images(tmp_path):
     write_fake_mnist(tmp_path / "m")
     write_idx(tmp_path / "m" / "train-labels-idx1-ubyte", np.zeros(7, "u1"))
-    with pytest.raises(digits.DatasetError, match="expected images"):
-        digits.load_mnist(str(tmp_path / "m"))
+    with pytest.raises(digit_data.DatasetError, match="expected images"):
+        digit_data.load_mnist(str(tmp_path / "m"))
 
 
 def test_mnist_end_to_end(tmp_path):
@@ -111,7 +111,7 @@ def test_mnist_end_to_end(tmp_path):
 
 # ------------------------------------------------------------------------------ digits data
 def test_digits_split_is_seeded_stratified_and_disjoint():
-    a, b, c = (digits.load_data("digits", None, seed) for seed in (0, 0, 1))
+    a, b, c = (digit_data.load_data("digits", None, seed) for seed in (0, 0, 1))
     assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
     assert not torch.equal(a.y_test, c.y_test) or not torch.equal(a.x_test, c.x_test)
     assert len(a.x_train) + len(a.x_test) == 1797 and a.n_features == 64
@@ -168,7 +168,7 @@ def test_the_lesson_of_the_experiment(tmp_path, capsys):
 
     # the saved files reproduce the LoRA-enabled result: base weights + adapter, loaded fresh
     from safetensors.torch import load_file
-    data = digits.load_data("digits", None, 0)
+    data = digit_data.load_data("digits", None, 0)
     model = digits.build_mlp(64, (128, 256))
     model.load_state_dict(load_file(str(tmp_path / "run" / "base_model.safetensors")))
     lorakit.load_adapter(model, tmp_path / "run" / "adapter")
