@@ -187,6 +187,7 @@ def wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
     if cls is None:
         raise UnsupportedModule(f"{path}: cannot adapt a {type(module).__name__}")
     layer = cls(module, state)
+    layer.train(module.training)        # an eval-mode model stays in eval mode (no adapter dropout)
     setattr(parent, leaf, layer)
     return layer
 
@@ -300,6 +301,7 @@ def add_adapter_layers(model: nn.Module, state: LoraState, config: LoraConfig, n
         layer = wrap(model, path, state)
         adapter = layer.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.scale_for(path),
                                     config.dropout, config.init, dtype)
+        adapter.train(layer.training)
         adapter.requires_grad_(trainable)
     for path in saved:
         copy = wrap_saved(model, path, state).add_copy(name)
