@@ -44,7 +44,8 @@ def tiny_causal_lm(vocab: int, seed: int = 0, hidden: int = 32, layers: int = 2)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, eos_token_id=2, pad_token_id=3, bos_token_id=None)
+                      tie_word_embeddings=False, eos_token_id=2, pad_token_id=3, bos_token_id=None,
+                      initializer_range=0.3)   # large enough that a frozen random head can express a fit
     return LlamaForCausalLM(cfg).eval()
 
 

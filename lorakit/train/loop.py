@@ -127,10 +127,11 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
             micro = [to_device(batches.next(), device) for _ in range(o.grad_accum)]
             loss, n_tokens = train_step(model, micro, precision, scaler)
             check_finite(loss, step)
+            lr = optimizer.param_groups[0]["lr"]                      # the lr this step used
             grad_norm = clip_and_step(params, optimizer, scaler, o.max_grad_norm)
             scheduler.step()
             dt = time.perf_counter() - t0
-            row = {"step": step, "loss": loss, "eval_loss": None, "lr": optimizer.param_groups[0]["lr"],
+            row = {"step": step, "loss": loss, "eval_loss": None, "lr": lr,
                    "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
                    "elapsed_s": time.perf_counter() - t_run}
             if valid_set and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.run.steps):
