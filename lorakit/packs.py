@@ -17,8 +17,9 @@ copies an adapter again only when it changed (or is new, or was replaced under t
 name). Changes are seen through the version counters, which every in-place write bumps
 (optimizer steps, ``copy_``, ``load_state_dict``), and moves or casts of the model through
 the base weights' device and dtype; after replacing a frozen adapter's tensors some other
-way (assigning ``.data``), call ``clear_row_packs(model)``. The cost: the packed copies take as much device memory as the adapters used in
-batches (``clear_row_packs`` frees them; the adapter cache releases evicted adapters' slots).
+way (assigning ``.data``), call ``clear_row_packs(model)``. The cost: the packed copies
+take as much device memory as the adapters used in batches (``clear_row_packs`` frees
+them; the adapter cache releases evicted adapters' slots).
 """
 
 from __future__ import annotations

@@ -336,7 +336,8 @@ def test_cuda_llama_triton_and_torch_equal_rows_alone(dtype):
             assert rel(got, ref) < tol, backend
         kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         names = ["js", "sql", None]
-        gen_ref = rows_alone(m, ids[:3, :5], names, lambda mm, x: mm.generate(x, attention_mask=torch.ones_like(x), **kw))
+        gen_ref = rows_alone(m, ids[:3, :5], names,
+                             lambda mm, x: mm.generate(x, attention_mask=torch.ones_like(x), **kw))
         with batch_adapters(m, names, backend="triton"):
             gen = m.generate(ids[:3, :5], attention_mask=torch.ones_like(ids[:3, :5]), **kw)
     if dtype == torch.float32:
