@@ -11,8 +11,10 @@ are kept stacked on the layer's device, one *slot* per adapter, ranks zero-padde
 
 Slots are model-wide (adapter "sql" has the same slot in every layer; a layer that the
 adapter does not adapt keeps that slot zero). A batch's kernels then need nothing but
-each row's slot. Packs persist across batches: entering ``batch_adapters`` only checks,
-per adapter named, each parameter's in-place version counter, an adapter again only when it changed (or is new, or was replaced under the same name). Changes are seen through the version counters, which every in-place write bumps
+each row's slot. Packs persist across batches: entering ``batch_adapters`` only compares,
+per adapter named, each parameter's in-place version counter with the one it had when
+copied, and copies an adapter again only when it changed (or is new, or was replaced
+under the same name). Every in-place write bumps the counter
 (optimizer steps, ``copy_``, ``load_state_dict``), and moves or casts of the model through
 the base weights' device and dtype; after replacing a frozen adapter's tensors some other
 way (assigning ``.data``), call ``clear_row_packs(model)``. The cost: the packed copies
