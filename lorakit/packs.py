@@ -15,7 +15,7 @@ each row's slot. Packs persist across batches: entering ``batch_adapters`` only 
 per adapter named, each parameter's in-place version counter with the one it had when
 copied, and copies an adapter again only when it changed (or is new, or was replaced
 under the same name). Every in-place write bumps the counter
-(optimizer steps, ``copy_``, ``load_state_dict``), and moves or casts of the model through
+(optimizer steps, ``copy_``, ``load_state_dict``); moves or casts of the model are seen through
 the base weights' device and dtype; after replacing a frozen adapter's tensors some other
 way (assigning ``.data``), call ``clear_row_packs(model)``. The cost: the packed copies
 take as much device memory as the adapters used in batches (``clear_row_packs`` frees
