@@ -262,7 +262,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str
     had_state = find_state(model)
     state = ensure_state(model)
     active_before = state.active
-    grads = {id(p): p.requires_grad for p in model.parameters()}
+    base_params = list(base_parameters(model))
+    grads = [p.requires_grad for p in base_params]
     try:
         add_adapter_layers(model, state, config, name, paths, saved, trainable)
         if fill is not None:
@@ -270,9 +271,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str
         freeze_base(model)
     except BaseException:
         _rollback(model, name, before, state, active_before, had_state)
-        for p in model.parameters():
-            if id(p) in grads:
-                p.requires_grad_(grads[id(p)])
+        for p, flag in zip(base_params, grads):
+            p.requires_grad_(flag)
         raise
 
 
@@ -311,17 +311,20 @@ def add_adapter_layers(model: nn.Module, state: LoraState, config: LoraConfig, n
         state.active = name
 
 
+def base_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every parameter that is not a LoRA adapter's (or a saved copy's), without visiting
+    the adapters: the cost does not grow with the number of adapters loaded."""
+    for m in [model] + [m for _, m in walk(model)]:
+        if isinstance(m, (LoraLayer, SavedModule)):
+            yield from m.base.parameters()
+        else:
+            yield from m.parameters(recurse=False)
+
+
 def freeze_base(model: nn.Module) -> None:
     """requires_grad = False for every parameter that is not a LoRA adapter's (or a saved copy's)."""
-    adapter_params = set()
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            adapter_params.update(id(p) for p in m.adapters.parameters())
-        elif isinstance(m, SavedModule):
-            adapter_params.update(id(p) for p in m.copies.parameters())
-    for p in model.parameters():
-        if id(p) not in adapter_params:
-            p.requires_grad_(False)
+    for p in base_parameters(model):
+        p.requires_grad_(False)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
