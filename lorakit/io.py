@@ -8,10 +8,17 @@ A folder holds two files:
   and ``.lora_B.weight`` (d, r); for embeddings ``.lora_embedding_A`` (r, num_embeddings)
   and ``.lora_embedding_B`` (dim, r); for modules_to_save ``<module path>.<param>``.
 
-Loading validates everything (config values, every key, every shape, finite values)
-before touching the model: a load that fails leaves the model exactly as it was and
-registers no adapter name. Pickle files are refused, never unpickled. Files are written to
-a temporary file in the same folder and renamed into place.
+Loading validates everything before touching the model: the config's values and types,
+the safetensors header (lorakit.tensorfile: sizes, dtypes, shapes, offsets) before any
+tensor is read, every key against the model and the config (lorakit.checks: ranks of A and
+B, orphans, missing and unexpected keys), finite values, and the base-model fingerprint
+(lorakit.fingerprint). A load that fails leaves the model exactly as it was and registers
+no adapter name. Pickle files are refused, never unpickled; files are never read through a
+symlink that leads out of the adapter folder.
+
+Saving builds the whole folder beside the old one and swaps it in (lorakit.atomic): after a
+crash at any moment the path holds the complete old adapter or the complete new one.
+docs/files.md lists every guarantee.
 """
 
 from __future__ import annotations
@@ -19,23 +26,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .atomic import atomic_save_folder, atomic_write_bytes, resolve_folder, write_new_file
+from .checks import PREFIX, check_header, check_values
 from .config import LoraConfig
-from .errors import AdapterExists, AdapterFormatError, MergedStateError, ShapeMismatch, preview
-from .inject import (add_adapter, base_of, check_adapter_name, find_state, lora_layers, resolve_saved,
-                     resolve_targets, saved_modules)
-from .layers import LoraLinear, adapter_shapes, supported_base
+from .errors import AdapterExists, AdapterFormatError, ConfigError, LoraError, MergedStateError, preview
+from .fingerprint import base_fingerprint, check_base, encode
+from .inject import add_adapter, check_adapter_name, find_state, lora_layers, resolve_saved, resolve_targets, \
+    saved_modules
+from .layers import LoraLinear
+from .tensorfile import check_regular, link_target, open_inside, read_data, read_file, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-PREFIX = "base_model.model."
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_CONFIG_BYTES = 16 * 2**20
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,52 +73,60 @@ def lora_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, t
 
 
 # ------------------------------------------------------------------------------ saving
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename.
+def adapter_file_bytes(model: nn.Module, name: Optional[str] = None,
+                       base_model_name_or_path: Optional[str] = None) -> dict[str, bytes]:
+    """{file name: content} of adapter ``name`` (default: the active one) in PEFT's layout, built
+    in memory. The weights' metadata records the base-model fingerprint (lorakit.fingerprint).
+    Non-finite weights are refused: a file lorakit writes always loads."""
+    from safetensors.torch import save as st_save
+    from .adapters import get_config
+    cfg = get_config(model, name)
+    adapter = cfg_name(model, name)
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter).items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LoraError(f"adapter {adapter!r}: refusing to save non-finite weights (NaN or Inf) in "
+                        f"{preview(bad, 10)}; nothing was written")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = cfg.base_model_name_or_path or _name_or_path(model)
+    layers = [(path, layer) for path, layer in lora_layers(model) if adapter in layer.adapters]
+    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in layers if isinstance(layer, LoraLinear))
+    config = cfg.replace(base_model_name_or_path=base_model_name_or_path).to_peft_dict(
+        cfg.target_modules, fan_in_fan_out=fan_in_fan_out)
+    metadata = {"format": "pt", "saved_by": "lorakit", **encode(base_fingerprint(model, [p for p, _ in layers]))}
+    return {WEIGHTS_NAME: st_save(tensors, metadata=metadata),
+            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
 
-    A reader sees the old file or the new one, never a half-written one. The file gets the
-    usual permissions (rw-r--r--), not mkstemp's owner-only ones.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+def write_adapter_files(model: nn.Module, folder: PathLike, name: Optional[str] = None,
+                        base_model_name_or_path: Optional[str] = None) -> None:
+    """Write adapter ``name``'s two files into ``folder``, a fresh folder being built (for instance
+    by ``lorakit.atomic.atomic_save_folder``'s writer, for a checkpoint); each file is fsync'ed."""
+    for fname, data in adapter_file_bytes(model, name, base_model_name_or_path).items():
+        write_new_file(Path(folder) / fname, data)
 
 
 def save_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None,
                  base_model_name_or_path: Optional[str] = None) -> Path:
     """Save adapter ``name`` (default: the active one) to folder ``path`` in PEFT's layout.
 
-    Works while merged (A and B are kept). Returns the folder's Path.
+    Works while merged (A and B are kept). Crash-safe: the new folder is built beside ``path``
+    and swapped in, so ``path`` always holds the complete old or the complete new adapter;
+    other files in ``path`` (a README, other adapters' subfolders) are kept. A full disk or a
+    read-only folder raises lorakit.atomic.FileWriteError and leaves the old files as they
+    were. Returns the folder's Path.
     """
-    from safetensors.torch import save as st_save
-    from .adapters import get_config
-    cfg = get_config(model, name)
-    sd = lora_state_dict(model, name)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = cfg.base_model_name_or_path or _name_or_path(model)
-    adapter = cfg_name(model, name)
-    fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model)
-                         if isinstance(layer, LoraLinear) and adapter in layer.adapters)
-    config = cfg.replace(base_model_name_or_path=base_model_name_or_path).to_peft_dict(
-        cfg.target_modules, fan_in_fan_out=fan_in_fan_out)
-    tensors = {k: v.contiguous().cpu() for k, v in sd.items()}
+    files = adapter_file_bytes(model, name, base_model_name_or_path)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise AdapterFormatError(f"{folder}: exists and is not a folder; save_adapter writes a folder "
                                  f"({CONFIG_NAME} + {WEIGHTS_NAME})")
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", "saved_by": "lorakit"}))
-    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+    def writer(tmp: Path) -> None:
+        for fname, data in files.items():
+            write_new_file(tmp / fname, data)
+
+    atomic_save_folder(folder, writer)
     return folder
 
 
@@ -122,39 +142,26 @@ def _name_or_path(model: nn.Module) -> Optional[str]:
     return value or None
 
 
-# ------------------------------------------------------------------------------ loading
-def find_adapter_files(path: PathLike, name: Optional[str] = None) -> tuple[Path, Path]:
-    """(config file, weights file) for an adapter folder, refusing pickle files.
+# ------------------------------------------------------------------------------ finding files
+@dataclass
+class AdapterFiles:
+    """An adapter's two files, opened from one view of its folder (a save that swaps the folder
+    meanwhile cannot mix the old config with the new weights)."""
 
-    ``path`` may be the folder, its safetensors file, or a folder whose subfolder ``name``
-    holds the adapter (PEFT saves non-default adapters so). When ``path/name`` holds an
-    adapter it wins over one directly in ``path`` (PEFT's multi-adapter layout puts the
-    default adapter at the top); pass the top-level file's path to load that one instead.
-    """
-    p = Path(path)
-    if p.is_file():
-        if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
-            raise AdapterFormatError(_pickle_message(p))
-        folder = p.parent
-        weights = p
-    else:
-        if not p.exists():
-            raise AdapterFormatError(f"{p}: no such adapter folder")
-        folder = p
-        if name and (p / name / CONFIG_NAME).exists():
-            folder = p / name
-        weights = folder / WEIGHTS_NAME
-    config = folder / CONFIG_NAME
-    if not weights.exists():
-        pickles = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
-        if pickles:
-            raise AdapterFormatError(_pickle_message(pickles[0]))
-        subs = sorted(c.parent.name for c in folder.glob(f"*/{CONFIG_NAME}"))
-        hint = f"; subfolders with adapters: {subs} (pass name=...)" if subs else ""
-        raise AdapterFormatError(f"{folder}: no {WEIGHTS_NAME}{hint}")
-    if not config.exists():
-        raise AdapterFormatError(f"{folder}: no {CONFIG_NAME} beside {weights.name}")
-    return config, weights
+    folder: Path
+    config: Path
+    weights: Path
+    config_fd: int
+    weights_fd: int
+
+    def close(self) -> None:
+        for fd in (self.config_fd, self.weights_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Moved(Exception):
+    """The folder changed while being opened (a concurrent save): look it up again."""
 
 
 def _pickle_message(p: Path) -> str:
@@ -163,101 +170,190 @@ def _pickle_message(p: Path) -> str:
             "weights_only=True), 'adapter_model.safetensors')`")
 
 
-def read_config(path: Path) -> LoraConfig:
+def _locate(path: PathLike, name: Optional[str]) -> tuple[Path, Optional[Path]]:
+    """(folder, the weights file when ``path`` names it). Recovers a folder whose save was
+    interrupted mid-swap (lorakit.atomic.resolve_folder); ``path/name`` wins over ``path``."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterFormatError(_pickle_message(p))
+        return p.parent, p
+    folder = resolve_folder(p)
+    if folder is None:
+        raise AdapterFormatError(f"{p}: no such adapter folder")
+    if name:
+        check_adapter_name(name)
+        sub = resolve_folder(folder / name)
+        if sub is not None and (sub / CONFIG_NAME).exists():
+            if sub.is_symlink():
+                link_target(folder, name)          # refuses a subfolder link that leads outside
+            folder = sub
+    return folder, None
+
+
+def _same_folder(folder: Path, dfd: int) -> bool:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path}: cannot read the adapter config: {e}") from None
-    return LoraConfig.from_peft_dict(data, source=str(path))
+        a, b = os.stat(folder), os.fstat(dfd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file on the CPU; a malformed file is an AdapterFormatError."""
-    from safetensors import safe_open
+def _missing_weights(folder: Path) -> AdapterFormatError:
+    pickles = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
+    if pickles:
+        return AdapterFormatError(_pickle_message(pickles[0]))
+    subs = sorted(c.parent.name for c in folder.glob(f"*/{CONFIG_NAME}") if not c.parent.name.startswith("."))
+    hint = f"; subfolders with adapters: {subs} (pass name=...)" if subs else ""
+    return AdapterFormatError(f"{folder}: no {WEIGHTS_NAME}{hint}")
+
+
+def _open_one(folder: Path, dfd: int, fname: str, explicit: Optional[Path], missing) -> int:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError kinds
-        raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from None
+        if explicit is not None:
+            fd = os.open(explicit, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+            try:
+                check_regular(fd, explicit)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        return open_inside(folder, fname, dfd)
+    except FileNotFoundError:
+        if _same_folder(folder, dfd):
+            raise missing() from None
+        raise _Moved() from None
+    except OSError as e:
+        raise AdapterFormatError(f"{explicit or folder / fname}: cannot open: {e.strerror}") from None
 
 
-def _expected(model: nn.Module, cfg: LoraConfig) -> tuple[dict, dict, dict]:
-    """What a file for ``cfg`` must contain on ``model``.
+def _open(folder: Path, explicit: Optional[Path]) -> AdapterFiles:
+    try:
+        dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise _Moved() from None
+    except OSError as e:
+        raise AdapterFormatError(f"{folder}: cannot open the adapter folder: {e.strerror}") from None
+    try:
+        weights = explicit or folder / WEIGHTS_NAME
+        wfd = _open_one(folder, dfd, WEIGHTS_NAME, explicit, lambda: _missing_weights(folder))
+        try:
+            cfd = _open_one(folder, dfd, CONFIG_NAME, None, lambda: AdapterFormatError(
+                f"{folder}: no {CONFIG_NAME} beside {weights.name}"))
+        except BaseException:
+            os.close(wfd)
+            raise
+        return AdapterFiles(folder, folder / CONFIG_NAME, weights, cfd, wfd)
+    finally:
+        os.close(dfd)
 
-    Returns (lora, saved, optional): {key: (shape, path)}; ``optional`` are keys PEFT may add
-    (a copy of an embedding's base weight) mapped to the model tensor they must equal.
-    """
-    lora, saved, optional = {}, {}, {}
-    for path in resolve_targets(model, cfg):
-        base = base_of(model.get_submodule(path))
-        cls = supported_base(base)
-        a_shape, b_shape = adapter_shapes(base, cfg.rank_for(path))
-        lora[f"{path}.{cls.peft_a_key}"] = (tuple(a_shape), path)
-        lora[f"{path}.{cls.peft_b_key}"] = (tuple(b_shape), path)
-        for pname, p in base.named_parameters():
-            optional[f"{path}.base_layer.{pname}"] = p
-    for path in resolve_saved(model, cfg):
-        for pname, p in base_of(model.get_submodule(path)).named_parameters():
-            saved[f"{path}.{pname}"] = (tuple(p.shape), path)
-    return lora, saved, optional
 
-
-def validate(model: nn.Module, cfg: LoraConfig, tensors: dict[str, torch.Tensor], source: str,
-             strict: bool = True) -> dict[str, torch.Tensor]:
-    """Check ``tensors`` against what ``cfg`` needs on ``model``; return them keyed by model path.
-
-    Every problem is collected and reported at once; nothing is changed.
-    """
-    lora, saved, optional = _expected(model, cfg)
-    wanted = {**lora, **saved}
-    by_path, unexpected, mismatched, bad_values = {}, [], [], []
-    for key, t in tensors.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if k in optional:
-            if not (t.shape == optional[k].shape and torch.equal(t.to(optional[k].device, optional[k].dtype),
-                                                                 optional[k])):
-                mismatched.append(f"{key}: a saved copy of the base weight that differs from this model's "
-                                  "(was the vocabulary resized?)")
+def open_adapter(path: PathLike, name: Optional[str] = None) -> AdapterFiles:
+    """Open the config and weights of the adapter at ``path`` (see find_adapter_files); close()
+    them after use. Refuses pickle files, and symlinks that lead out of the folder."""
+    for _ in range(5):
+        try:
+            folder, explicit = _locate(path, name)
+            return _open(folder, explicit)
+        except _Moved:
             continue
-        if k not in wanted:
-            unexpected.append(key)
-            continue
-        shape = wanted[k][0]
-        if tuple(t.shape) != shape:
-            mismatched.append(f"{key}: expected shape {list(shape)}, got {list(t.shape)}")
-        elif not t.is_floating_point():
-            bad_values.append(f"{key}: dtype {t.dtype} is not a floating-point type")
-        elif not torch.isfinite(t).all():
-            bad_values.append(f"{key}: contains NaN or Inf")
-        by_path[k] = t
-    missing = [PREFIX + k for k in wanted if k not in by_path and not any(m.startswith(PREFIX + k) for m in
-                                                                         mismatched)]
-    problems = []
-    if mismatched:
-        problems.append("shape mismatches: " + "; ".join(mismatched))
-    if bad_values:
-        problems.append("bad values: " + "; ".join(bad_values))
-    if strict and missing:
-        problems.append(f"{len(missing)} missing keys: {preview(missing, 50)}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (no adapted module of the model takes them): "
-                        f"{preview(unexpected, 50)}")
-    if problems:
-        cls = ShapeMismatch if mismatched and not (bad_values or missing or unexpected) else AdapterFormatError
-        raise cls(f"{source}: adapter does not fit {type(model).__name__}: " + " | ".join(problems))
-    return by_path
+        except OSError as e:
+            raise AdapterFormatError(f"{path}: cannot read the adapter: {e}") from None
+    raise AdapterFormatError(f"{path}: the adapter folder kept changing while being opened (another process "
+                             "saving it?); try again")
 
 
+def find_adapter_files(path: PathLike, name: Optional[str] = None) -> tuple[Path, Path]:
+    """(config file, weights file) for an adapter folder, refusing pickle files.
+
+    ``path`` may be the folder, its safetensors file, or a folder whose subfolder ``name``
+    holds the adapter (PEFT saves non-default adapters so). When ``path/name`` holds an
+    adapter it wins over one directly in ``path`` (PEFT's multi-adapter layout puts the
+    default adapter at the top); pass the top-level file's path to load that one instead.
+    A folder whose save was interrupted mid-swap is found where the swap left it.
+    """
+    files = open_adapter(path, name)
+    files.close()
+    return files.config, files.weights
+
+
+# ------------------------------------------------------------------------------ reading
+def _read_all(fd: int, limit: int, source) -> bytes:
+    chunks, total = [], 0
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise ConfigError(f"{source}: larger than {limit} bytes; an adapter config is a few kilobytes")
+        chunks.append(chunk)
+
+
+def parse_config(raw: bytes, source) -> LoraConfig:
+    """A LoraConfig from adapter_config.json bytes; every problem is a LoraError naming ``source``."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AdapterFormatError(f"{source}: cannot read the adapter config: {e}") from None
+    if isinstance(data, dict):
+        for key in ("task_type", "base_model_name_or_path"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ConfigError(f"{source}: {key} must be a string or null, got {data[key]!r}")
+    try:
+        return LoraConfig.from_peft_dict(data, source=str(source))
+    except LoraError:
+        raise
+    except Exception as e:          # a value of a type config.py did not foresee
+        raise ConfigError(f"{source}: invalid adapter config ({type(e).__name__}: {e})") from None
+
+
+def read_config(path: PathLike) -> LoraConfig:
+    """The LoraConfig of an adapter_config.json file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot read the adapter config: {e.strerror}") from None
+    try:
+        check_regular(fd, path)
+        return parse_config(_read_all(fd, MAX_CONFIG_BYTES, path), path)
+    finally:
+        os.close(fd)
+
+
+def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on the CPU, after checking its header (lorakit.tensorfile);
+    a malformed file is an AdapterFormatError."""
+    return read_file(path)[1]
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (where the base fingerprint lives); reads the header only."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        check_regular(fd, path)
+        return read_header(fd, path).metadata
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ loading
 def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, trainable: bool = False,
                  strict: bool = True, dtype: Optional[torch.dtype] = None,
-                 device: Union[str, torch.device, None] = None) -> str:
+                 device: Union[str, torch.device, None] = None, strict_base: bool = False) -> str:
     """Add the adapter saved at ``path`` (PEFT layout) to ``model`` under ``name``; returns the name.
 
     LoRA layers are injected where needed. The first adapter on a model becomes active;
     later ones do not (use set_adapter). Loaded adapters are frozen unless ``trainable``.
-    Everything is validated first: on any error the model is unchanged.
-    ``device="cpu"`` keeps the weights in pinned host memory, registered with the model's
-    adapter cache (lorakit.cache): a per-row batch naming the adapter brings it in.
+    Everything is validated first: on any error the model is unchanged and ``name`` is not
+    registered. ``strict=False`` tolerates missing and unexpected keys. An adapter saved on a
+    different base model (lorakit.fingerprint) warns, or raises BaseModelMismatch with
+    ``strict_base=True``. ``device="cpu"`` keeps the weights in pinned host memory,
+    registered with the model's adapter cache (lorakit.cache): a per-row batch naming the
+    adapter brings it in.
     """
     name = "default" if name is None else name
     check_adapter_name(name)
@@ -267,19 +363,39 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, t
                             "pass another name=, or delete_adapter first")
     if state is not None and state.merged is not None:
         raise MergedStateError(f"adapter {state.merged!r} is merged; unmerge(model) before loading adapters")
-    config_file, weights_file = find_adapter_files(path, name)
-    cfg = read_config(config_file)
-    if dtype is not None:
-        cfg = cfg.replace(adapter_dtype=str(dtype).removeprefix("torch."))
-    tensors = read_tensors(weights_file)
-    by_path = validate(model, cfg, tensors, str(weights_file), strict=strict)
-    paths = resolve_targets(model, cfg)
-    saved = resolve_saved(model, cfg)
     from .cache import check_load_device, place_loaded_adapter   # lorakit.cache: device="cpu" (issue 6)
     check_load_device(model, device)
-    add_adapter(model, cfg, name, paths, saved, trainable, fill=lambda m: _fill(m, name, paths, saved, by_path))
-    place_loaded_adapter(model, name, device)
+    cfg, by_path = _read_checked(model, path, name, strict, dtype, strict_base)
+    paths, saved = resolve_targets(model, cfg), resolve_saved(model, cfg)
+
+    def fill(m: nn.Module) -> None:        # inside add_adapter's all-or-nothing: a failure rolls back
+        _fill(m, name, paths, saved, by_path)
+        place_loaded_adapter(m, name, device)
+
+    add_adapter(model, cfg, name, paths, saved, trainable, fill=fill)
     return name
+
+
+def _read_checked(model: nn.Module, path: PathLike, name: str, strict: bool, dtype: Optional[torch.dtype],
+                  strict_base: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Config and validated tensors (keyed without PEFT's prefix); the model is not touched."""
+    files = open_adapter(path, name)
+    source = str(files.weights)
+    try:
+        cfg = parse_config(_read_all(files.config_fd, MAX_CONFIG_BYTES, files.config), files.config)
+        if dtype is not None:
+            cfg = cfg.replace(adapter_dtype=str(dtype).removeprefix("torch."))
+        header = read_header(files.weights_fd, source)
+        exp = check_header(model, cfg, header.entries, source, strict)
+        check_base(model, header.metadata, source, strict_base, stacklevel=4)
+        tensors = read_data(files.weights_fd, header, source)
+        return cfg, check_values(exp, tensors, source, model)
+    except LoraError:
+        raise
+    except Exception as e:              # whatever a malformed file provokes, it stays a LoraError
+        raise AdapterFormatError(f"{source}: cannot load ({type(e).__name__}: {e})") from e
+    finally:
+        files.close()
 
 
 @torch.no_grad()

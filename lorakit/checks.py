@@ -1,0 +1,209 @@
+"""Does an adapter file fit a model? Checked in two passes, before the model is touched.
+
+1. ``check_header`` (shapes and dtypes from the safetensors header, no tensor read): every
+   key maps to an adapted module of the model (or a modules_to_save parameter); no key is
+   missing; for each adapted module, A (r, k) and B (d, r) are both present (no orphan),
+   their ranks agree with each other and with the config (rank_pattern included), the
+   other dims fit the module; dtypes are floating point.
+2. ``check_values`` (after reading): values are finite; a copy of a base weight that PEFT
+   may store (``<module>.base_layer.weight``) equals the model's.
+
+Every problem is collected and reported at once, naming the file and the key, expected vs
+actual. Keys may carry PEFT's ``base_model.model.`` prefix or not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterFormatError, ShapeMismatch, preview
+from .inject import base_of, resolve_saved, resolve_targets
+from .layers import adapter_shapes, supported_base
+from .tensorfile import FLOAT_DTYPES, TensorInfo
+
+PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+
+
+@dataclass
+class Expected:
+    """What a file for ``cfg`` must contain on ``model`` (keys without PREFIX)."""
+
+    pairs: dict[str, tuple[str, tuple, str, tuple]] = field(default_factory=dict)  # path: (A key, shape, B key, shape)
+    saved: dict[str, tuple] = field(default_factory=dict)                          # key: shape
+    optional: dict[str, torch.Tensor] = field(default_factory=dict)                # key: base parameter
+
+    def keys(self) -> set[str]:
+        found = set(self.saved)
+        for a, _, b, _ in self.pairs.values():
+            found.update((a, b))
+        return found
+
+
+def expected(model: nn.Module, cfg: LoraConfig) -> Expected:
+    exp = Expected()
+    for path in resolve_targets(model, cfg):
+        base = base_of(model.get_submodule(path))
+        cls = supported_base(base)
+        a_shape, b_shape = adapter_shapes(base, cfg.rank_for(path))
+        exp.pairs[path] = (f"{path}.{cls.peft_a_key}", tuple(a_shape), f"{path}.{cls.peft_b_key}", tuple(b_shape))
+        for pname, p in base.named_parameters():
+            exp.optional[f"{path}.base_layer.{pname}"] = p
+    for path in resolve_saved(model, cfg):
+        for pname, p in base_of(model.get_submodule(path)).named_parameters():
+            exp.saved[f"{path}.{pname}"] = tuple(p.shape)
+    return exp
+
+
+def strip(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+@dataclass
+class _Report:
+    shapes: list[str] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def raise_if_any(self, model: nn.Module, source: str, strict: bool) -> None:
+        problems = []
+        if self.shapes:
+            problems.append("shape mismatches: " + "; ".join(self.shapes))
+        if self.dtypes:
+            problems.append("bad dtypes: " + "; ".join(self.dtypes))
+        orphans = self.orphans if strict else [o for o in self.orphans if "(B without A)" in o]
+        if orphans:
+            problems.append("orphans: " + "; ".join(orphans))
+        if self.missing and (strict or orphans):
+            problems.append(f"{len(self.missing)} missing keys: {preview(self.missing, 50)}")
+        if self.unexpected and strict:
+            problems.append(f"{len(self.unexpected)} unexpected keys (no adapted module of the model takes them): "
+                            f"{preview(self.unexpected, 50)}")
+        if problems:
+            only_shapes = self.shapes and not (self.dtypes or orphans or
+                                               (strict and (self.missing or self.unexpected)))
+            cls = ShapeMismatch if only_shapes else AdapterFormatError
+            raise cls(f"{source}: adapter does not fit {type(model).__name__}: " + " | ".join(problems))
+
+
+def check_header(model: nn.Module, cfg: LoraConfig, entries: dict[str, TensorInfo], source: str,
+                 strict: bool = True) -> Expected:
+    """Pass 1: the header's keys, shapes and dtypes against ``cfg`` on ``model``.
+
+    ``strict=False`` tolerates missing and unexpected keys, and an A without its B (B keeps its
+    zero init: that module adds nothing); a B without its A is always refused (A's random init
+    would make it add noise)."""
+    exp = expected(model, cfg)
+    rep = _Report()
+    by_key = {strip(k): (k, info) for k, info in entries.items()}
+    for k, (key, info) in by_key.items():
+        if k in exp.optional:
+            param = exp.optional[k]
+            if info.shape != tuple(param.shape):
+                rep.shapes.append(f"{key}: expected shape {list(param.shape)}, got {list(info.shape)}")
+        elif k in exp.saved:
+            if info.shape != exp.saved[k]:
+                rep.shapes.append(f"{key}: expected shape {list(exp.saved[k])}, got {list(info.shape)}")
+        elif not any(k in (a, b) for a, _, b, _ in exp.pairs.values()):
+            rep.unexpected.append(f"{key} ({_why_unexpected(model, cfg, k, exp)})")
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            rep.dtypes.append(f"{key}: expected a floating-point dtype {list(FLOAT_DTYPES)}, got {info.dtype} "
+                              f"({info.torch_dtype})")
+    for path, (a_key, a_shape, b_key, b_shape) in exp.pairs.items():
+        a, b = by_key.get(a_key), by_key.get(b_key)
+        if a and b:
+            _check_pair(cfg, path, a, a_shape, b, b_shape, rep)
+        elif a or b:
+            have, lack = (a_key, b_key) if a else (b_key, a_key)
+            rep.orphans.append(f"{PREFIX}{have} has no partner {PREFIX}{lack} ({'A' if a else 'B'} without "
+                               f"{'B' if a else 'A'})")
+            rep.missing.append(PREFIX + lack)
+        else:
+            rep.missing += [PREFIX + a_key, PREFIX + b_key]
+    rep.missing += [PREFIX + k for k in exp.saved if k not in by_key]
+    rep.raise_if_any(model, source, strict)
+    return exp
+
+
+def _check_pair(cfg: LoraConfig, path: str, a, a_shape: tuple, b, b_shape: tuple, rep: _Report) -> None:
+    """Shapes of one module's A (r, k, ...) and B (d, r, ...): the rank is A's dim 0 and B's dim 1."""
+    (a_key, a_info), (b_key, b_info) = a, b
+    sa, sb = a_info.shape, b_info.shape
+    if sa == b_shape and sb == a_shape and a_shape != b_shape:
+        rep.shapes.append(f"{path}: A and B look swapped: {a_key} has shape {list(sa)} (B's {list(b_shape)}), "
+                          f"{b_key} has shape {list(sb)} (A's {list(a_shape)})")
+        return
+    if len(sa) != len(a_shape) or len(sb) != len(b_shape) or len(sb) < 2:
+        for key, got, want in ((a_key, sa, a_shape), (b_key, sb, b_shape)):
+            if got != want:
+                rep.shapes.append(f"{key}: expected shape {list(want)}, got {list(got)}")
+        return
+    file_r = sa[0] if sa[0] == sb[1] else None
+    for key, got, want, dim in ((a_key, sa, a_shape, 0), (b_key, sb, b_shape, 1)):
+        if got[:dim] + got[dim + 1:] != want[:dim] + want[dim + 1:]:
+            shown = list(want) if file_r is None else [*want[:dim], file_r, *want[dim + 1:]]
+            rep.shapes.append(f"{key}: expected shape {shown}, got {list(got)}")
+    ra, rb, r = sa[0], sb[1], cfg.rank_for(path)
+    if ra != rb:
+        rep.shapes.append(f"{path}: A and B ranks disagree: {a_key} has r={ra} (shape {list(sa)}), "
+                          f"{b_key} has r={rb} (shape {list(sb)})")
+    elif ra != r:
+        rep.shapes.append(f"{path}: r={ra} in the file ({a_key} {list(sa)}, {b_key} {list(sb)}), but the config "
+                          f"gives r={r} {_rank_source(cfg, path)}")
+
+
+def _rank_source(cfg: LoraConfig, path: str) -> str:
+    for key, value in cfg.rank_pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return f"(rank_pattern {key!r}: {value})"
+    return f"(its r: {cfg.r})"
+
+
+def _why_unexpected(model: nn.Module, cfg: LoraConfig, k: str, exp: Expected) -> str:
+    suffix = next((s for s in LORA_SUFFIXES if k.endswith(s)), None)
+    if suffix is None:
+        return ("not a LoRA key: expected '<module>.lora_A.weight', '.lora_B.weight', '.lora_embedding_A', "
+                "'.lora_embedding_B' or a modules_to_save parameter")
+    module = k[:-len(suffix)]
+    try:
+        found = model.get_submodule(module)
+    except AttributeError:
+        return f"no module {module!r} in {type(model).__name__}"
+    if module in exp.pairs:
+        a_key, _, b_key, _ = exp.pairs[module]
+        return f"{module!r} is a {type(base_of(found)).__name__}: its keys are {a_key!r} and {b_key!r}"
+    return f"module {module!r} is not adapted by the config's target_modules {cfg.target_modules!r}"
+
+
+def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, model: nn.Module
+                 ) -> dict[str, torch.Tensor]:
+    """Pass 2: finite values, and saved base copies equal to the model's. Returns the adapter's
+    tensors keyed without PREFIX (the base copies dropped)."""
+    wanted = exp.keys()
+    by_path, bad, differ = {}, [], []
+    for key, t in tensors.items():
+        k = strip(key)
+        if k in exp.optional:
+            p = exp.optional[k]
+            if not torch.equal(t.to(p.device, p.dtype), p):
+                differ.append(f"{key}: a saved copy of the base weight that differs from this model's "
+                              "(was the vocabulary resized?)")
+        elif k in wanted:
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                n_nan = int(torch.isnan(t).sum())
+                bad.append(f"{key}: expected finite values, got {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf")
+            by_path[k] = t
+    if bad or differ:
+        raise AdapterFormatError(f"{source}: adapter does not fit {type(model).__name__}: "
+                                 + " | ".join(x for x in ("bad values: " + "; ".join(bad) if bad else "",
+                                                          "; ".join(differ)) if x))
+    return by_path

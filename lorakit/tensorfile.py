@@ -1,0 +1,268 @@
+"""Reading safetensors files strictly: the whole header is checked before any tensor is read.
+
+The format (huggingface/safetensors)::
+
+    bytes 0..7        N, a little-endian u64: the length of the JSON header
+    bytes 8..8+N      {"__metadata__": {str: str},
+                       KEY: {"dtype": "F32", "shape": [r, k], "data_offsets": [begin, end]}, ...}
+    bytes 8+N..       the data: tensor KEY is data[begin:end], row-major, little-endian
+
+Checks, each naming the file, the key or field, expected vs actual: the file is at least 8
+bytes; 2 <= N <= 100 MiB and the header fits in the file; the header is UTF-8 JSON, an
+object, without duplicate keys; ``__metadata__`` maps strings to strings; every entry has
+exactly dtype / shape / data_offsets, a known dtype, at most 8 non-negative integer dims,
+and ``end - begin == numel * itemsize``; the tensors tile the data exactly (no overlap, no
+gap, nothing past the end, no trailing bytes). Only then are the bytes read (``os.pread``
+into one buffer, no mmap: a file truncated behind our back cannot crash the process).
+
+Files inside an adapter folder are opened with :func:`open_inside`: never through a symlink
+that leads out of the folder (a Hugging Face cache snapshot's links into its own ``blobs/``
+excepted), and only regular files (not a FIFO or a device).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import AdapterFormatError
+
+MAX_HEADER_BYTES = 100 * 2**20          # safetensors' own limit
+MAX_DIMS = 8
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
+          "U32": torch.uint32, "U64": torch.uint64}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: dtype (safetensors' name, e.g. "BF16"), shape, byte range in the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Header:
+    """A checked header: the entries, the metadata, where the data starts and the file's size."""
+
+    entries: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _bad(source, detail: str) -> AdapterFormatError:
+    return AdapterFormatError(f"{source}: not a readable safetensors file: {detail}")
+
+
+# ------------------------------------------------------------------------------ reading bytes
+def read_exact(fd: int, n: int, offset: int, source) -> bytearray:
+    """``n`` bytes at ``offset`` (pread; the file offset is not used)."""
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise _bad(source, f"the file ended after {offset + done} bytes while reading {n} bytes at {offset} "
+                               "(truncated while being read?)")
+        done += got
+    return buf
+
+
+# ------------------------------------------------------------------------------ the header
+def read_header(fd: int, source) -> Header:
+    """Read and check the header of the open safetensors file ``fd`` (nothing else is read)."""
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise _bad(source, f"the file is {size} bytes; expected at least 8 (the header length) "
+                           "followed by the JSON header" + (" (empty file)" if size == 0 else ""))
+    n = int.from_bytes(read_exact(fd, 8, 0, source), "little")
+    if n > MAX_HEADER_BYTES:
+        raise _bad(source, f"header length (bytes 0-7) is {n}; expected at most {MAX_HEADER_BYTES}")
+    if n < 2 or 8 + n > size:
+        raise _bad(source, f"header length (bytes 0-7) is {n}, but the file has {size - 8} bytes after it "
+                           f"(expected 2 <= length <= {size - 8})")
+    raw = bytes(read_exact(fd, n, 8, source))
+    obj = _parse_json(raw, source)
+    metadata = _metadata(obj.pop("__metadata__", {}), source)
+    entries = {key: _entry(key, value, source) for key, value in obj.items()}
+    _check_tiling(entries, size - 8 - n, source)
+    return Header(entries, metadata, 8 + n, size)
+
+
+def _parse_json(raw: bytes, source) -> dict:
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r} in the header")
+            seen[k] = v
+        return seen
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except UnicodeDecodeError as e:
+        raise _bad(source, f"the header is not UTF-8 ({e.reason} at byte {8 + e.start})") from None
+    except RecursionError:
+        raise _bad(source, "the header's JSON is nested too deeply") from None
+    except ValueError as e:
+        raise _bad(source, f"the header is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _bad(source, f"the header is a JSON {type(obj).__name__}; expected an object "
+                           "{key: {dtype, shape, data_offsets}}")
+    return obj
+
+
+def _metadata(value, source) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _bad(source, f"'__metadata__' must map strings to strings, got {_short(value)}")
+    return value
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry(key: str, value, source) -> TensorInfo:
+    where = f"key {key!r}"
+    if not isinstance(value, dict):
+        raise _bad(source, f"{where}: expected an object with dtype, shape, data_offsets; got {_short(value)}")
+    if set(value) != _ENTRY_FIELDS:
+        raise _bad(source, f"{where}: expected the fields {sorted(_ENTRY_FIELDS)}, got {sorted(value)}")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _bad(source, f"{where}: unknown dtype {_short(dtype)}; expected one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _bad(source, f"{where}: shape must be a list of at most {MAX_DIMS} integers >= 0, got {_short(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise _bad(source, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                           f"got {_short(offsets)}")
+    info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    nbytes = info.numel * DTYPES[dtype].itemsize
+    if info.end - info.begin != nbytes:
+        raise _bad(source, f"{where}: data_offsets {offsets} hold {info.end - info.begin} bytes; "
+                           f"expected {nbytes} for shape {shape} of {dtype}")
+    return info
+
+
+def _check_tiling(entries: dict[str, TensorInfo], data_len: int, source) -> None:
+    """The tensors' byte ranges cover the data exactly once, in some order."""
+    pos, prev = 0, None
+    for key, info in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin < pos:
+            raise _bad(source, f"key {key!r}: data_offsets [{info.begin}, {info.end}] overlap key {prev!r} "
+                               f"(which ends at {pos})")
+        if info.begin > pos:
+            raise _bad(source, f"bytes [{pos}, {info.begin}) of the data belong to no tensor (before key {key!r})")
+        pos, prev = info.end, key
+    if pos > data_len:
+        raise _bad(source, f"key {prev!r}: data_offsets end at {pos}, but the data is {data_len} bytes "
+                           "(truncated file?)")
+    if pos < data_len:
+        raise _bad(source, f"{data_len - pos} bytes after the last tensor (expected the data to end at {pos})")
+
+
+# ------------------------------------------------------------------------------ the tensors
+def read_data(fd: int, header: Header, source, keys: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checked header (all, or ``keys``), on the CPU, in one read of the data."""
+    data = read_exact(fd, header.file_size - header.data_start, header.data_start, source)
+    out = {}
+    for key in (header.entries if keys is None else keys):
+        info = header.entries[key]
+        if info.numel == 0:
+            out[key] = torch.empty(info.shape, dtype=info.torch_dtype)
+        else:
+            flat = torch.frombuffer(data, dtype=info.torch_dtype, count=info.numel, offset=info.begin)
+            out[key] = flat.view(info.shape)
+    return out
+
+
+def read_file(path) -> tuple[Header, dict[str, torch.Tensor]]:
+    """Header and tensors of the safetensors file at ``path`` (a path the caller chose: followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        check_regular(fd, path)
+        header = read_header(fd, path)
+        return header, read_data(fd, header, path)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ opening safely
+def check_regular(fd: int, path) -> None:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise AdapterFormatError(f"{path}: expected a regular file, found {kind}")
+
+
+def open_inside(folder: Path, name: str, dir_fd: int) -> int:
+    """Open ``folder/name`` (``dir_fd`` is the open folder) for reading: a regular file, reached
+    without following a symlink out of the folder. Raises FileNotFoundError when absent."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = os.open(link_target(folder, name), flags)
+    try:
+        check_regular(fd, folder / name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def link_target(folder: Path, name: str) -> str:
+    """Where the symlink ``folder/name`` leads, if that is inside the folder (or, for a Hugging Face
+    cache snapshot ``.../snapshots/REV/``, inside that repository's ``blobs/``); else an error."""
+    real_folder = os.path.realpath(folder)
+    target = os.path.realpath(folder / name)
+    if os.path.commonpath([real_folder, target]) == real_folder and target != real_folder:
+        return target
+    snapshots = os.path.dirname(real_folder)
+    if os.path.basename(snapshots) == "snapshots" and \
+            os.path.dirname(target) == os.path.join(os.path.dirname(snapshots), "blobs"):
+        return target
+    raise AdapterFormatError(f"{folder / name}: a symlink to {target}, outside the adapter folder {folder}; "
+                             "refusing to follow it (copy the file into the folder if you trust it)")
+
+
+__all__ = ["TensorInfo", "Header", "read_header", "read_data", "read_file", "open_inside", "link_target",
+           "check_regular", "DTYPES", "FLOAT_DTYPES", "MAX_HEADER_BYTES"]
