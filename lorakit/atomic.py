@@ -304,19 +304,25 @@ def _build(path: Path, new: Path, writer: Callable[[Path], None], keep_others: b
 
 
 def _swap(path: Path, new: Path, old: Path) -> None:
-    """Steps 3 to 5: old out, new in; a failure before the new folder is in place undoes step 3."""
+    """Steps 3 to 5: old out, new in. A failure between the two renames moves the old folder back;
+    if even that fails, both stay (resolve_folder reads the new one, the next save finishes)."""
     existed = path.is_dir()
     try:
         if existed:
             os.rename(path, old)
         os.rename(new, path)
     except OSError as e:
-        if existed and not os.path.lexists(path) and os.path.lexists(old):
-            with contextlib.suppress(OSError):
+        kept = "the existing folder is unchanged"
+        if existed and not os.path.lexists(path):
+            try:
                 os.rename(old, path)
+            except OSError:
+                raise _error(e, path, f"the swap stopped half-way: the complete new folder is at {new} and "
+                                      f"the old one at {old}; loading {path} reads the new one and the next "
+                                      "save finishes the swap") from None
         with contextlib.suppress(OSError):
             shutil.rmtree(new)
-        raise _error(e, path, "the existing folder is unchanged") from None
+        raise _error(e, path, kept) from None
     try:
         fsync_dir(path.parent)
     except OSError as e:
