@@ -196,24 +196,34 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def resolve_folder(path: PathLike) -> Optional[Path]:
     """Where the folder saved at ``path`` is now: ``path`` itself when it exists (always, even
     if hidden temporaries lie beside it), else the complete new folder of a swap that was
-    interrupted after its commit point, else None. Reads only; never changes the disk."""
+    interrupted after its commit point, else None. Reads only; never changes the disk.
+
+    A save running concurrently may move folders between our looks; looking again a few
+    times makes a reader see the old folder or the new one, never nothing."""
     path = Path(path)
-    if os.path.lexists(path):
-        return path
+    for _ in range(8):
+        if os.path.lexists(path):
+            return path
+        found = _committed_new(path)
+        if found is not None:
+            return found
+    return path if os.path.lexists(path) else None
+
+
+def _committed_new(path: Path) -> Optional[Path]:
     pattern = _leftover_re(path.name)
     try:
         names = os.listdir(path.parent)
     except OSError:
         return None
-    tags = {}
+    tags: dict[str, set] = {}
     for entry in names:
         m = pattern.match(entry)
         if m:
             tags.setdefault(f"{m.group(2)}-{m.group(3)}", set()).add(m.group(1))
-    committed = sorted(t for t, kinds in tags.items() if {"new", "old"} <= kinds)
-    if not committed:
+    news = [_sibling(path, "new", t) for t, kinds in sorted(tags.items()) if {"new", "old"} <= kinds]
+    if not news:
         return None
-    news = [_sibling(path, "new", t) for t in committed]
     return max(news, key=lambda p: p.stat().st_mtime_ns if p.exists() else -1)
 
 
