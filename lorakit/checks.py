@@ -179,7 +179,7 @@ def _why_unexpected(model: nn.Module, cfg: LoraConfig, k: str, exp: Expected) ->
         return f"no module {module!r} in {type(model).__name__}"
     if module in exp.pairs:
         a_key, _, b_key, _ = exp.pairs[module]
-        return f"{module!r} is a {type(base_of(found)).__name__}: its keys are {a_key!r} and {b_key!r}"
+        return f"module {module!r} ({type(base_of(found)).__name__}) takes the keys {a_key!r} and {b_key!r}"
     return f"module {module!r} is not adapted by the config's target_modules {cfg.target_modules!r}"
 
 

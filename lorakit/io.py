@@ -390,8 +390,10 @@ def _read_checked(model: nn.Module, path: PathLike, name: str, strict: bool, dty
         check_base(model, header.metadata, source, strict_base, stacklevel=4)
         tensors = read_data(files.weights_fd, header, source)
         return cfg, check_values(exp, tensors, source, model)
-    except LoraError:
-        raise
+    except LoraError as e:
+        if str(files.folder) in str(e):
+            raise
+        raise type(e)(f"{files.config}: {e}") from None          # e.g. TargetNotFound: name the file too
     except Exception as e:              # whatever a malformed file provokes, it stays a LoraError
         raise AdapterFormatError(f"{source}: cannot load ({type(e).__name__}: {e})") from e
     finally:
