@@ -40,9 +40,10 @@ def run(args) -> int:
     report = merge_to_folder(lm, args.adapter, out, args.prompt or DEFAULT_PROMPTS, check=not args.no_check)
     print(f"merged {args.adapter} into {lm.name}: {report['layers']} layers; wrote {out} "
           f"({report['bytes'] / 1e6:.1f} MB)")
+    reloaded = report.get("max_abs_diff_reloaded")
     print(f"max |logits difference| merged vs unmerged on {report['prompts']} prompts: "
-          f"in memory {report['max_abs_diff']:.3g}" + (f", reloaded by transformers {report['max_abs_diff_reloaded']:.3g}"
-                                                        if report.get("max_abs_diff_reloaded") is not None else ""))
+          f"in memory {report['max_abs_diff']:.3g}"
+          + (f", reloaded by transformers {reloaded:.3g}" if reloaded is not None else ""))
     return 0
 
 
@@ -54,7 +55,7 @@ def merge_to_folder(lm, adapter: str, out: Path, prompts: list[str], check: bool
     from ..inject import lora_layers
     from ..io import atomic_write_bytes
     model, tok = lm.model, lm.tokenizer
-    name = lorakit.load_adapter(model, adapter, name="merge")
+    lorakit.load_adapter(model, adapter, name="merge")
     layers = sum(1 for _ in lora_layers(model))
     batch = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
     with torch.no_grad():
@@ -67,7 +68,6 @@ def merge_to_folder(lm, adapter: str, out: Path, prompts: list[str], check: bool
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    del name
     if check:
         report["max_abs_diff_reloaded"] = reload_diff(out, batch, unmerged, mask, lm.dtype, lm.device)
     report["bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
