@@ -63,17 +63,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step: Callable[[], object], device: str, warmup: int, iters: int) -> list[float]:
-    """Seconds per call of ``step`` (synchronised around each call), after ``warmup`` calls."""
+def time_steps(step: Callable[[], object], device: str, warmup: int, iters: int,
+               cpu_times: Optional[list] = None) -> list[float]:
+    """Seconds per call of ``step`` (synchronised around each call), after ``warmup`` calls.
+    ``cpu_times`` (a list), when given, receives the process CPU seconds of each call: near
+    the wall time, the step is bound by the host, not the device."""
     for _ in range(warmup):
         step()
     sync(device)
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return times
 
 

@@ -178,7 +178,7 @@ def run_sequential(v: dict, args, dtype) -> dict:
     try:
         p = prepare(v, args, dtype)
         common.reset_peak(args.device)
-        p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps)
+        p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps, p["cpu_times"])
         p["peak"] = common.peak_gib(args.device)
         row = result_row(p, args)
         if v["name"] in args.profile and args.out:

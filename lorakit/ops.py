@@ -113,6 +113,16 @@ def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor
     return torch.addmm(weight, B, A, alpha=scale)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+# Every kernel launch costs host time (several microseconds on a GPU, more than the small
+# GEMMs themselves at decoding sizes, and a training step of a 1B model runs 112 of these
+# layers): the code below issues the fewest operations it can. The scale s rides on the
+# GEMMs (``alpha``) instead of separate multiplications; ``addmm(c, a, b, beta=0, alpha=s)``
+# computes s a b and ignores c (documented: not even NaN in c propagates), so a tensor of
+# the right shape that is at hand serves as c.
 class _LoraLinearFn(torch.autograd.Function):
     """y = x W0^T + b + s (xd A^T) B^T with W0 and b frozen. See the module docstring.
 
@@ -126,66 +136,60 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
                 B: Tensor, scale: float, merged: bool) -> Tensor:
-        d, k = weight.shape
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)                                  # (N, k), a view when x is contiguous
-        xd2 = x2 if xd is None else xd.reshape(-1, k)          # (N, k)
-        Ac, Bc = A.to(x.dtype), B.to(x.dtype)                  # no-ops when the dtypes agree
-        need_a, need_b = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        merged = merged and xd is None
-        if merged:
-            out = F.linear(x2, _merged_weight(weight, Ac, Bc, scale), bias)    # x W'^T + b, (N, d)
-            xa = x2 @ Ac.t() if need_b else None                               # (N, r), for dB only
+        Ac, Bc = _cast(A, x.dtype), _cast(B, x.dtype)               # no-ops when the dtypes agree
+        if xd is None and merged:
+            out = F.linear(x, torch.addmm(weight, Bc, Ac, alpha=scale), bias)  # x W'^T + b   (..., d)
+            xa = F.linear(x, Ac) if ctx.needs_input_grad[5] else None       # (..., r), for dB only
         else:
-            xa = xd2 @ Ac.t()                                                  # (N, r)
-            out = F.linear(x2, weight, bias)                                   # (N, d)
-            out.addmm_(xa, Bc.t(), alpha=scale)         # += s xa B^T inside the GEMM's epilogue
+            merged = False
+            xa = F.linear(x if xd is None else xd, Ac)                      # (..., r)
+            out = F.linear(x, weight, bias)                                 # (..., d)
+            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
         ctx.scale, ctx.merged, ctx.same = scale, merged, xd is None
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
-        ctx.save_for_backward(xd2 if need_a else None, xa if need_b else None, weight, Ac, Bc)
-        return out.view(*lead, d)
+        ctx.save_for_backward((x if xd is None else xd) if ctx.needs_input_grad[4] else None, xa, weight, Ac, Bc)
+        return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        xd2, xa, weight, Ac, Bc = ctx.saved_tensors
+        xd, xa, weight, Ac, Bc = ctx.saved_tensors
         s = ctx.scale
+        need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
         d, k = weight.shape
-        lead = dy.shape[:-1]
-        need_x, need_xd, need_a, need_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
-        dy2 = dy.reshape(-1, d)                                # (N, d)
-        need_g = need_a or need_xd or (need_x and ctx.same and not ctx.merged)
-        gs = (dy2 @ Bc).mul_(s) if need_g else None            # s dY B, (N, r)
+        r = Ac.shape[0]
+        dy2 = dy.reshape(-1, d)                                             # (N, d)
+        xa2 = xa.reshape(-1, r) if xa is not None else None                 # (N, r)
+        gs = None                                                           # s dY B, (N, r)
+        if need_a or need_xd or (need_x and ctx.same and not ctx.merged):
+            gs = torch.addmm(xa2, dy2, Bc, beta=0, alpha=s) if xa2 is not None else torch.mm(dy2, Bc).mul_(s)
         dx = dxd = dA = dB = None
         if need_x:
             if ctx.merged:
-                dx = dy2 @ _merged_weight(weight, Ac, Bc, s)   # dY W' = dY W0 + s (dY B) A
-            elif ctx.same:
-                dx = (dy2 @ weight).addmm_(gs, Ac)             # dY W0 + s g A, one accumulating GEMM
+                dx = dy.matmul(torch.addmm(weight, Bc, Ac, alpha=s))        # dY W' = dY W0 + s (dY B) A
             else:
-                dx = dy2 @ weight
-            dx = dx.view(*lead, k)
+                dx = dy.matmul(weight)                                      # dY W0
+                if ctx.same:
+                    dx.view(-1, k).addmm_(gs, Ac)                           # += s g A, one accumulating GEMM
         if need_xd:
-            dxd = (gs @ Ac).view(*lead, k)                     # s g A (flows back through dropout)
+            dxd = torch.mm(gs, Ac).view(dy.shape[:-1] + (k,))              # s g A (flows back through dropout)
         if need_a:
-            dA = (gs.t() @ xd2).to(ctx.a_dtype)                # s g^T xd, (r, k)
+            dA = _cast(torch.mm(gs.t(), xd.reshape(-1, k)), ctx.a_dtype)    # s g^T xd, (r, k)
         if need_b:
-            dB = torch.mm(xa.t(), dy2).mul_(s).t().to(ctx.b_dtype)  # s dY^T xa = (s xa^T dY)^T, (d, r)
+            dBt = torch.addmm(Bc.t(), xa2.t(), dy2, beta=0, alpha=s)       # s xa^T dY, (r, d)
+            dB = _cast(dBt.t(), ctx.b_dtype)                                # (d, r)
         return dx, dxd, None, None, dA, dB, None, None
 
 
 def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
                         B: Tensor, scale: float, merged: bool) -> Tensor:
-    """The forward alone (inference): no autograd node, the fewest kernels."""
-    d, k = weight.shape
-    x2 = x.reshape(-1, k)
-    Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+    """The forward alone (inference): no autograd node, the fewest kernels (2 merged, 3 unmerged)."""
+    Ac, Bc = _cast(A, x.dtype), _cast(B, x.dtype)
     if merged and xd is None:
-        out = F.linear(x2, _merged_weight(weight, Ac, Bc, scale), bias)
-    else:
-        out = F.linear(x2, weight, bias)
-        out.addmm_(x2 @ Ac.t() if xd is None else xd.reshape(-1, k) @ Ac.t(), Bc.t(), alpha=scale)
-    return out.view(*x.shape[:-1], d)
+        return F.linear(x, torch.addmm(weight, Bc, Ac, alpha=scale), bias)
+    xa = F.linear(x if xd is None else xd, Ac)                              # (..., r)
+    out = F.linear(x, weight, bias)                                         # (..., d)
+    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
+    return out
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
@@ -200,26 +204,31 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, A, B, scale, x_drop)
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        x_drop = x_drop.to(dt) if x_drop is not None else None
-        bias = bias.to(dt) if bias is not None else None
-        with torch.autocast(dev, enabled=False):
-            return lora_linear(x, weight, bias, A, B, scale, x_drop, mode=mode)
+    if torch.is_autocast_enabled(x.device.type):
+        return _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode)
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
     grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                         or (x_drop is not None and x_drop.requires_grad))
     if mode == "auto":
         d, k = weight.shape
-        merged = merged_is_cheaper(x.numel() // k, d, k, grad)
+        merged = merged_is_cheaper(x.numel() // k if k else 0, d, k, grad)
     else:
         merged = mode == "merged"
     if grad:
         return _LoraLinearFn.apply(x, x_drop, weight, bias, A, B, scale, merged)
     return _lora_linear_nograd(x, x_drop, weight, bias, A, B, scale, merged)
+
+
+def _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode):
+    """lora_linear under autocast: operands cast to the autocast dtype, then autocast off."""
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev)
+    x, weight = x.to(dt), weight.to(dt)
+    x_drop = x_drop.to(dt) if x_drop is not None else None
+    bias = bias.to(dt) if bias is not None else None
+    with torch.autocast(dev, enabled=False):
+        return lora_linear(x, weight, bias, A, B, scale, x_drop, mode=mode)
 
 
 def lora_embedding(ids: Tensor, weight: Tensor, A: Tensor, B: Tensor, scale: float, **embed_kwargs) -> Tensor:
