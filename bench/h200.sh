@@ -35,12 +35,12 @@ case "${1:-}" in
   run2)
     timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py 2>&1 | tail -4 | tee -a "$LOG"
     timeout 170 python3 bench/train_step.py --device cuda --size 1b \
-      --variants bound,peft-bf16,lorakit,lorakit+fused-loss,lorakit@r64,bound+compile,lorakit+compile-fn \
+      --variants "${VARIANTS_1B:-bound,peft-bf16,lorakit,lorakit+fused-loss}" \
       --out $R/train_step_1b_h200_run2 2>&1 | tee -a "$LOG"
-    timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 3 --new-tokens 16 \
+    timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 3 --new-tokens 16 --steps 10 \
       --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     timeout 150 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
-      --variants bound,peft,lorakit,lorakit+fused-loss --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
+      --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss}" --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
     ;;
   *)
     echo "usage: bash bench/h200.sh train1b|infer8b"; exit 2 ;;
