@@ -5,8 +5,9 @@
    missing; for each adapted module, A (r, k) and B (d, r) are both present (no orphan),
    their ranks agree with each other and with the config (rank_pattern included), the
    other dims fit the module; dtypes are floating point.
-2. ``check_values`` (after reading): values are finite; a copy of a base weight that PEFT
-   may store (``<module>.base_layer.weight``) equals the model's.
+2. ``check_values`` (after reading): values are finite, and stay finite in the dtype they are
+   copied into (a float64 1e300 would become inf in float32); a copy of a base weight that
+   PEFT may store (``<module>.base_layer.weight``) equals the model's.
 
 Every problem is collected and reported at once, naming the file and the key, expected vs
 actual. Keys may carry PEFT's ``base_model.model.`` prefix or not.
@@ -37,6 +38,7 @@ class Expected:
     pairs: dict[str, tuple[str, tuple, str, tuple]] = field(default_factory=dict)  # path: (A key, shape, B key, shape)
     saved: dict[str, tuple] = field(default_factory=dict)                          # key: shape
     optional: dict[str, torch.Tensor] = field(default_factory=dict)                # key: base parameter
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)                   # key: dtype it is copied into
 
     def keys(self) -> set[str]:
         found = set(self.saved)
@@ -52,11 +54,14 @@ def expected(model: nn.Module, cfg: LoraConfig) -> Expected:
         cls = supported_base(base)
         a_shape, b_shape = adapter_shapes(base, cfg.rank_for(path))
         exp.pairs[path] = (f"{path}.{cls.peft_a_key}", tuple(a_shape), f"{path}.{cls.peft_b_key}", tuple(b_shape))
+        dest = base.weight.dtype if cfg.adapter_dtype == "auto" else getattr(torch, cfg.adapter_dtype)
+        exp.dtypes.update({exp.pairs[path][0]: dest, exp.pairs[path][2]: dest})
         for pname, p in base.named_parameters():
             exp.optional[f"{path}.base_layer.{pname}"] = p
     for path in resolve_saved(model, cfg):
         for pname, p in base_of(model.get_submodule(path)).named_parameters():
             exp.saved[f"{path}.{pname}"] = tuple(p.shape)
+            exp.dtypes[f"{path}.{pname}"] = p.dtype
     return exp
 
 
@@ -201,6 +206,10 @@ def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, m
             if not bool(finite.all()):
                 n_nan = int(torch.isnan(t).sum())
                 bad.append(f"{key}: expected finite values, got {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf")
+            elif t.dtype != exp.dtypes[k] and not bool(torch.isfinite(t.to(exp.dtypes[k])).all()):
+                n = int((~torch.isfinite(t.to(exp.dtypes[k]))).sum())
+                bad.append(f"{key}: expected values that fit {exp.dtypes[k]} (the adapter's dtype), got {n} that "
+                           f"overflow it (largest magnitude {t.abs().max().item():.3g})")
             by_path[k] = t
     if bad or differ:
         raise AdapterFormatError(f"{source}: adapter does not fit {type(model).__name__}: "

@@ -232,6 +232,8 @@ CASES = {
     "nan": (put(Q0A, torch.full((4, 32), float("nan"))), [Q0A, "expected finite values, got 128 NaN and 0 Inf"]),
     "inf": (tensors(lambda t: t[V1B].__setitem__((0, 0), float("inf"))), [V1B, "got 0 NaN and 1 Inf"]),
     "minus-inf": (tensors(lambda t: t[EB].__setitem__((3, 1), -float("inf"))), [EB, "got 0 NaN and 1 Inf"]),
+    "overflows-the-adapter-dtype": (put(Q0A, torch.full((4, 32), 1e300, dtype=torch.float64)),
+                                    [Q0A, "expected values that fit torch.float32", "got 128 that overflow it"]),
     "swapped-a-b": (tensors(lambda t: t.update({Q0A: t[Q0B].clone(), Q0B: t[Q0A].clone()})),
                     ["model.layers.0.self_attn.q_proj: A and B look swapped", Q0A, "[32, 4] (B's [32, 4])"]),
     "rank-a-b-disagree": (put(Q0B, torch.zeros(32, 3)), ["A and B ranks disagree", f"{Q0A} has r=4 (shape [4, 32])",
