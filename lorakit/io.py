@@ -41,7 +41,7 @@ from .fingerprint import base_fingerprint, check_base, encode
 from .inject import add_adapter, check_adapter_name, find_state, lora_layers, resolve_saved, resolve_targets, \
     saved_modules
 from .layers import LoraLinear
-from .tensorfile import check_regular, link_target, open_inside, read_data, read_file, read_header
+from .tensorfile import check_regular, link_target, open_inside, read_data, read_file, read_header, serialize
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,9 +76,9 @@ def lora_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, t
 def adapter_file_bytes(model: nn.Module, name: Optional[str] = None,
                        base_model_name_or_path: Optional[str] = None) -> dict[str, bytes]:
     """{file name: content} of adapter ``name`` (default: the active one) in PEFT's layout, built
-    in memory. The weights' metadata records the base-model fingerprint (lorakit.fingerprint).
-    Non-finite weights are refused: a file lorakit writes always loads."""
-    from safetensors.torch import save as st_save
+    in memory, byte-for-byte deterministic. The weights' metadata records the base-model
+    fingerprint (lorakit.fingerprint). Non-finite weights are refused: a file lorakit writes
+    always loads."""
     from .adapters import get_config
     cfg = get_config(model, name)
     adapter = cfg_name(model, name)
@@ -94,7 +94,7 @@ def adapter_file_bytes(model: nn.Module, name: Optional[str] = None,
     config = cfg.replace(base_model_name_or_path=base_model_name_or_path).to_peft_dict(
         cfg.target_modules, fan_in_fan_out=fan_in_fan_out)
     metadata = {"format": "pt", "saved_by": "lorakit", **encode(base_fingerprint(model, [p for p, _ in layers]))}
-    return {WEIGHTS_NAME: st_save(tensors, metadata=metadata),
+    return {WEIGHTS_NAME: serialize(tensors, metadata),
             CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
 
 

@@ -223,6 +223,26 @@ def read_file(path) -> tuple[Header, dict[str, torch.Tensor]]:
         os.close(fd)
 
 
+# ------------------------------------------------------------------------------ writing
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> bytes:
+    """The safetensors bytes of ``tensors`` (any device), byte-for-byte deterministic: tensors in
+    key order, the header's JSON with sorted keys, padded with spaces to a multiple of 8 bytes."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, pos = [], 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
+        blobs.append(raw)
+        pos += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
 # ------------------------------------------------------------------------------ opening safely
 def check_regular(fd: int, path) -> None:
     mode = os.fstat(fd).st_mode
@@ -264,5 +284,5 @@ def link_target(folder: Path, name: str) -> str:
                              "refusing to follow it (copy the file into the folder if you trust it)")
 
 
-__all__ = ["TensorInfo", "Header", "read_header", "read_data", "read_file", "open_inside", "link_target",
+__all__ = ["TensorInfo", "Header", "read_header", "read_data", "read_file", "serialize", "open_inside", "link_target",
            "check_regular", "DTYPES", "FLOAT_DTYPES", "MAX_HEADER_BYTES"]

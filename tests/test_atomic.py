@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -211,3 +213,17 @@ def test_concurrent_loads_during_saves_see_old_or_new_never_a_mix(tmp_path):
         stop.set()
         t.join()
     assert errors == [] and ranks == {2, 3}
+
+
+def test_files_guide_examples_run(tmp_path, monkeypatch, capsys):
+    """docs/files.md: every ```python block, in order, as one script (so the guide cannot rot)."""
+    guide = Path(__file__).resolve().parent.parent / "docs" / "files.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", guide.read_text(), flags=re.S | re.M)
+    assert len(blocks) >= 5
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    namespace = {"__name__": "files_guide"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{guide}:block{i}", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "r must be an integer >= 1, got 0" in out and "BaseModelMismatch" in out
+    assert "refusing to save non-finite weights" in out and "trainer_state.json" in out

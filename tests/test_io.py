@@ -377,3 +377,89 @@ def test_cuda_save_and_load_across_devices(tmp_path):
     with pytest.raises(lorakit.AdapterExists):
         lorakit.load_adapter(on_gpu, tmp_path)
     assert_unchanged(on_gpu, before)
+
+
+# ---------------------------------------------------------------------------- issue 7: loading details
+def test_a_failing_cache_hook_rolls_the_whole_load_back(saved, monkeypatch):
+    """load_adapter(device="cpu") registers the adapter with the cache inside the all-or-nothing add."""
+    import lorakit.cache
+    folder, _ = saved
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["o_proj"]), name="keep")
+    before = snapshot(model)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pinning failed")
+
+    monkeypatch.setattr(lorakit.cache, "place_loaded_adapter", broken)
+    with pytest.raises(RuntimeError, match="pinning failed"):
+        lorakit.load_adapter(model, folder, name="new", device="cpu")
+    assert_unchanged(model, before)
+    monkeypatch.undo()
+    assert lorakit.load_adapter(model, folder, name="new", device="cpu") == "new"
+
+
+def test_non_finite_weights_are_never_saved(saved):
+    folder, model = saved
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.adapters["default"].lora_B[0, 0] = float("inf")
+    with pytest.raises(lorakit.LoraError, match=r"refusing to save non-finite weights .*v_proj\.lora_B\.weight"):
+        lorakit.save_adapter(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+
+def test_symlinks_inside_the_folder_and_hub_cache_snapshots_load(saved, tmp_path):
+    folder, model = saved
+    expected = run(model)
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (inside / "real.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    os.symlink("real.safetensors", inside / "adapter_model.safetensors")
+    os.symlink(folder / "adapter_config.json", inside / "adapter_config.json")     # outside: refused
+    with pytest.raises(lorakit.AdapterFormatError, match="outside the adapter folder"):
+        lorakit.load_adapter(tiny_llama(), inside)
+    (inside / "adapter_config.json").unlink()
+    (inside / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    m = tiny_llama()
+    lorakit.load_adapter(m, inside)
+    assert torch.equal(run(m), expected)
+    repo = tmp_path / "hub" / "models--someone--adapter"          # huggingface_hub's cache layout
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (repo / "blobs" / f"sha-{name}").write_bytes((folder / name).read_bytes())
+        os.symlink(f"../../blobs/sha-{name}", repo / "snapshots" / "abc123" / name)
+    m = tiny_llama()
+    lorakit.load_adapter(m, repo / "snapshots" / "abc123")
+    assert torch.equal(run(m), expected)
+
+
+def test_write_adapter_files_writes_into_a_fresh_folder(saved, tmp_path):
+    folder, model = saved
+    (tmp_path / "fresh").mkdir()
+    lorakit.io.write_adapter_files(model, tmp_path / "fresh")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "fresh").iterdir()} == \
+        {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError):                         # never over an existing file
+        lorakit.io.write_adapter_files(model, tmp_path / "fresh")
+
+
+def test_saved_files_are_deterministic_and_read_by_safetensors(saved, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load
+    folder, model = saved
+    lorakit.save_adapter(model, tmp_path / "again")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (folder / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    raw = (folder / "adapter_model.safetensors").read_bytes()
+    assert int.from_bytes(raw[:8], "little") % 8 == 0                 # header padded as safetensors does
+    sd = lorakit.lora_state_dict(model)
+    back = load(raw)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["saved_by"] == "lorakit" and "lorakit.base" in meta
+    bf16 = {"a": torch.randn(3, 2).to(torch.bfloat16), "s": torch.tensor(2.0), "e": torch.zeros(0, 4)}
+    out = load(lorakit.tensorfile.serialize(bf16))
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in bf16.items())
