@@ -37,7 +37,7 @@ case "${1:-}" in
     timeout 170 python3 bench/train_step.py --device cuda --size 1b \
       --variants "${VARIANTS_1B:-bound,peft-bf16,lorakit,lorakit+fused-loss}" \
       --out $R/train_step_1b_h200_run2 2>&1 | tee -a "$LOG"
-    timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 3 --new-tokens 16 \
+    timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 3 --new-tokens 16 --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" \
       --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     timeout 150 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss}" --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
