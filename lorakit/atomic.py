@@ -243,6 +243,21 @@ def repair_folder(path: PathLike) -> None:
             _remove(p)
 
 
+def repair_all(folder: PathLike) -> list[Path]:
+    """repair_folder for every entry of ``folder`` that has leftovers of crashed saves (for folders
+    of many saved folders, e.g. checkpoints/step-N, where a crashed name may never be saved again).
+    Returns the paths repaired."""
+    folder = Path(folder)
+    pattern = re.compile(rf"^\.(.+)\.lorakit-({'|'.join(_KINDS)})-\d+-[0-9a-f]+$")
+    try:
+        names = sorted({m.group(1) for m in map(pattern.match, os.listdir(folder)) if m})
+    except FileNotFoundError:
+        return []
+    for name in names:
+        repair_folder(folder / name)
+    return [folder / name for name in names]
+
+
 def _carry_over(old: Path, new: Path) -> None:
     """Hard-link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks; symlinks are
     recreated as links (never followed); folders are rebuilt entry by entry."""
@@ -273,7 +288,7 @@ def atomic_save_folder(path: PathLike, writer: Callable[[Path], None], keep_othe
     After a crash at any moment, ``path`` (read through :func:`resolve_folder`) is the
     complete old folder or the complete new one. Returns ``path``.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.is_symlink():
         path = path.resolve()
     if os.path.lexists(path) and not path.is_dir():
@@ -316,14 +331,14 @@ def _build(path: Path, new: Path, writer: Callable[[Path], None], keep_others: b
 def _swap(path: Path, new: Path, old: Path) -> None:
     """Steps 3 to 5: old out, new in. A failure between the two renames moves the old folder back;
     if even that fails, both stay (resolve_folder reads the new one, the next save finishes)."""
-    existed = path.is_dir()
+    existed, moved = path.is_dir(), False
     try:
         if existed:
             os.rename(path, old)
+            moved = True
         os.rename(new, path)
     except OSError as e:
-        kept = "the existing folder is unchanged"
-        if existed and not os.path.lexists(path):
+        if moved:
             try:
                 os.rename(old, path)
             except OSError:
@@ -332,7 +347,7 @@ def _swap(path: Path, new: Path, old: Path) -> None:
                                       "save finishes the swap") from None
         with contextlib.suppress(OSError):
             shutil.rmtree(new)
-        raise _error(e, path, kept) from None
+        raise _error(e, path, "the existing folder is unchanged") from None
     try:
         fsync_dir(path.parent)
     except OSError as e:
@@ -345,4 +360,4 @@ def _swap(path: Path, new: Path, old: Path) -> None:
 
 
 __all__ = ["FileWriteError", "atomic_write_bytes", "atomic_save_folder", "write_new_file", "fsync_dir",
-           "resolve_folder", "repair_folder"]
+           "resolve_folder", "repair_folder", "repair_all"]

@@ -33,7 +33,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .atomic import atomic_save_folder, atomic_write_bytes, resolve_folder, write_new_file
+from .atomic import atomic_save_folder, atomic_write_bytes, resolve_folder, write_new_file  # noqa: F401 (re-exported)
 from .checks import PREFIX, check_header, check_values
 from .config import LoraConfig
 from .errors import AdapterExists, AdapterFormatError, ConfigError, LoraError, MergedStateError, preview

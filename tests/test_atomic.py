@@ -18,8 +18,8 @@ import torch
 from conftest import MLP, randomize_adapters
 
 import lorakit
-from lorakit.atomic import (FileWriteError, atomic_save_folder, atomic_write_bytes, repair_folder, resolve_folder,
-                            write_new_file)
+from lorakit.atomic import (FileWriteError, atomic_save_folder, atomic_write_bytes, repair_all, repair_folder,
+                            resolve_folder, write_new_file)
 
 
 def dead_pid() -> int:
@@ -158,6 +158,20 @@ def test_an_old_leftover_alone_is_never_resurrected(tmp_path):
     assert resolve_folder(path) is None
     atomic_save_folder(path, write_files({"w.bin": b"new"}))
     assert os.listdir(tmp_path) == ["ad"]
+
+
+def test_repair_all_handles_every_name_in_a_folder_of_checkpoints(tmp_path):
+    dead = dead_pid()
+    for kind, name in (("new", "step-200"), ("old", "step-200"), ("new", "step-400"), ("new", "step-600")):
+        pid = 1 if name == "step-600" else dead                        # step-600: a live writer's
+        folder = tmp_path / f".{name}.lorakit-{kind}-{pid}-00aa"
+        folder.mkdir()
+        (folder / "state.json").write_text(f"{name} {kind}")
+    (tmp_path / "step-100").mkdir()
+    assert repair_all(tmp_path) == [tmp_path / "step-200", tmp_path / "step-400", tmp_path / "step-600"]
+    assert sorted(os.listdir(tmp_path)) == [".step-600.lorakit-new-1-00aa", "step-100", "step-200"]
+    assert (tmp_path / "step-200" / "state.json").read_text() == "step-200 new"     # rolled forward
+    assert repair_all(tmp_path / "missing") == []
 
 
 def _save_llama_like(folder: Path, r: int, seed: int) -> MLP:

@@ -257,7 +257,8 @@ CASES = {
                        ["q_proj.lora_C.weight", "not a LoRA key"]),
     "wrong-key-kind": (put(f"{P}model.embed_tokens.lora_A.weight", torch.zeros(4, 64)),
                        ["embed_tokens.lora_A.weight",
-                        "module 'model.embed_tokens' (Embedding) takes the keys 'model.embed_tokens.lora_embedding_A'"]),
+                        "module 'model.embed_tokens' (Embedding) takes the keys "
+                        "'model.embed_tokens.lora_embedding_A'"]),
     "k-dim-wrong": (put(Q0A, torch.zeros(4, 31)), [Q0A, "expected shape [4, 32], got [4, 31]"]),
     "one-dim-tensor": (put(Q0A, torch.zeros(128)), [Q0A, "expected shape [4, 32], got [128]"]),
     "base-copy-differs": (put(f"{P}model.embed_tokens.base_layer.weight", torch.ones(64, 32)),
@@ -307,9 +308,8 @@ CASES = {
     "subfolder-symlink-outside": (_subfolder_link, ["new", "outside the adapter folder"]),
 }
 NAMES = {"bad-name-dots": "..", "bad-name-slash": "a/b", "bad-name-empty": "", "bad-name-long": "x" * 65}
-ERRORS = {"rank-a-b": lorakit.ShapeMismatch, "rank-not": lorakit.ShapeMismatch, "rank-zero": lorakit.ShapeMismatch, "swapped": lorakit.ShapeMismatch, "k-dim": lorakit.ShapeMismatch,
-          "one-dim": lorakit.ShapeMismatch, "base-copy-wrong": lorakit.ShapeMismatch,
-          "target-modules-match": lorakit.TargetNotFound}
+SHAPES = ("rank-a-b", "rank-not", "rank-zero", "swapped", "k-dim", "one-dim", "base-copy-wrong")
+ERRORS = {**{prefix: lorakit.ShapeMismatch for prefix in SHAPES}, "target-modules-match": lorakit.TargetNotFound}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorakit
-from lorakit.inject import find_state
 
 W, C = "adapter_model.safetensors", "adapter_config.json"
 EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", "120"))
