@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -216,3 +217,61 @@ def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, m
                                  + " | ".join(x for x in ("bad values: " + "; ".join(bad) if bad else "",
                                                           "; ".join(differ)) if x))
     return by_path
+
+
+# ------------------------------------------------------------------------------ regexes from files
+MAX_PATTERN_CHARS = 10_000
+
+
+def regex_problem(pattern: str) -> Optional[str]:
+    """Why a regex from a stranger's config must not run, or None.
+
+    target_modules / rank_pattern keys are matched against every module path; a nested
+    repetition such as ``(\\w+\\.?)+x`` backtracks exponentially (seconds per path, hours per
+    model). Refused: patterns over MAX_PATTERN_CHARS, and a repetition (more than 16) inside
+    another. Alternations with overlapping branches, like ``(a|a)*``, are not detected.
+    """
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters"
+    try:
+        from re import _constants as const, _parser as parser        # Python >= 3.11
+    except ImportError:                                               # pragma: no cover
+        import sre_constants as const
+        import sre_parse as parser
+    try:
+        tree = parser.parse(pattern)
+    except Exception as e:  # noqa: BLE001 - re.compile reports it with its own message later
+        return None if isinstance(e, re.error) else f"cannot be parsed ({e})"
+    if _nested_repeat(tree, False, (const.MAX_REPEAT, const.MIN_REPEAT), const.MAXREPEAT, parser.SubPattern):
+        return ("a repetition inside a repetition (like (a+)+) can take exponential time on module names; "
+                "write it without repeating a repeated group")
+    return None
+
+
+def _nested_repeat(node: Any, inside: bool, repeats: tuple, unbounded: int, subpattern: type) -> bool:
+    if isinstance(node, subpattern):
+        node = list(node)
+    if not isinstance(node, (list, tuple)):
+        return False
+    if len(node) == 2 and any(node[0] is r for r in repeats):
+        lo, hi, sub = node[1]
+        big = hi is unbounded or hi > 16
+        return (big and inside) or _nested_repeat(sub, inside or big, repeats, unbounded, subpattern)
+    return any(_nested_repeat(x, inside, repeats, unbounded, subpattern) for x in node)
+
+
+def config_regex_problems(data: dict) -> list[str]:
+    """regex_problem for every pattern of a raw adapter_config.json dict."""
+    found = []
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(name), str):
+            found.append((name, data[name]))
+    for name in ("rank_pattern", "alpha_pattern"):
+        if isinstance(data.get(name), dict):
+            found += [(name, key) for key in data[name]]
+    problems = []
+    for name, pattern in found:
+        why = regex_problem(pattern)
+        if why:
+            problems.append(f"{name} regex {pattern[:80]!r}: {why}")
+    return problems

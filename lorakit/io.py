@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_save_folder, atomic_write_bytes, resolve_folder, write_new_file  # noqa: F401 (re-exported)
-from .checks import PREFIX, check_header, check_values
+from .checks import PREFIX, check_header, check_values, config_regex_problems
 from .config import LoraConfig
 from .errors import AdapterExists, AdapterFormatError, ConfigError, LoraError, MergedStateError, preview
 from .fingerprint import base_fingerprint, check_base, encode
@@ -300,6 +300,9 @@ def parse_config(raw: bytes, source) -> LoraConfig:
         for key in ("task_type", "base_model_name_or_path"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ConfigError(f"{source}: {key} must be a string or null, got {data[key]!r}")
+        risky = config_regex_problems(data)
+        if risky:
+            raise ConfigError(f"{source}: " + "; ".join(risky))
     try:
         return LoraConfig.from_peft_dict(data, source=str(source))
     except LoraError:

@@ -463,3 +463,13 @@ def test_saved_files_are_deterministic_and_read_by_safetensors(saved, tmp_path):
     bf16 = {"a": torch.randn(3, 2).to(torch.bfloat16), "s": torch.tensor(2.0), "e": torch.zeros(0, 4)}
     out = load(lorakit.tensorfile.serialize(bf16))
     assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in bf16.items())
+
+
+@pytest.mark.parametrize("pattern,risky", [
+    (r"model\.layers\.\d+\.self_attn\.(q|v)_proj", False), (r".*\.(q_proj|v_proj)", False), ("(a+)+b", True),
+    (r"(\w+\.?)+x", True), ("(?:x{1,100})*", True), ("(ab{2})*", False), ("((a)*)", False), ("(a*)*", True),
+    ("(?=(a+)+)b", True), ("x" * 10_001, True),
+])
+def test_regexes_from_files_that_could_backtrack_forever_are_refused(pattern, risky):
+    from lorakit.checks import regex_problem
+    assert (regex_problem(pattern) is not None) == risky
