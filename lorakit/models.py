@@ -287,7 +287,8 @@ def complete(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int =
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            out += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
+            out += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                    .strip() for g in gen]
     finally:
         tokenizer.padding_side = side
     return out

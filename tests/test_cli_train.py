@@ -11,7 +11,7 @@ from _tiny_lm import save_tiny_model, sql_records, write_jsonl
 from lorakit.cli import main
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)

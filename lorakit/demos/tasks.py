@@ -120,8 +120,9 @@ def run_demo(cfg: DemoConfig, loaded=None, data_dir: Path = DATA, log=print) -> 
     # 1. the base model, loaded once
     t0 = time.perf_counter()
     lm = loaded or load_base(cfg.model, "float32", cfg.device)
+    base_bytes = lm.parameter_bytes            # before any adapter is added
     log(f"[1] base model {lm.name} ({lm.kind}, {lm.file_bytes / 1e6:.1f} MB on disk, "
-        f"{lm.parameter_bytes / 1e6:.0f} MB as float32 on {lm.device}) loaded in {time.perf_counter() - t0:.1f} s")
+        f"{base_bytes / 1e6:.0f} MB as float32 on {lm.device}) loaded in {time.perf_counter() - t0:.1f} s")
 
     # 2. the held-out test sets, scored with the base model
     tests = {t: load_test(data_dir / t / "test.jsonl", lm.tokenizer, cfg.test_examples) for t in cfg.tasks}
@@ -160,7 +161,7 @@ def run_demo(cfg: DemoConfig, loaded=None, data_dir: Path = DATA, log=print) -> 
         "switch_ms": switch_ms,
     }
     details = {"config": cfg.__dict__, "base_model": lm.name, "device": str(lm.device),
-               "base_parameter_bytes": lm.parameter_bytes, "switching": show, "generate_check": check,
+               "base_parameter_bytes": base_bytes, "switching": show, "generate_check": check,
                "tokens_per_s": {t: results[t]["train"].tokens_per_s for t in cfg.tasks},
                "final_loss": {t: results[t]["train"].final_loss for t in cfg.tasks},
                "total_seconds": time.perf_counter() - t_start}
@@ -253,7 +254,7 @@ def measure_switch_ms(model, names: list[str], repeats: int = 200) -> float:
     t0 = time.perf_counter()
     for i in range(repeats):
         lorakit.set_adapter(model, names[i % len(names)])
-    return round((time.perf_counter() - t0) * 1000 / repeats, 4)
+    return round((time.perf_counter() - t0) * 1000 / repeats, 6)
 
 
 def test_messages(data_dir: Path, task: str, index: int = 0) -> list[dict]:

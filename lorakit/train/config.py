@@ -270,11 +270,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             hint = hints[f.name]
             if hint is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
-            elif _is_list(hint):
-                kwargs["nargs"] = "+"
+            else:
+                kwargs["metavar"] = f.name.upper()
+                if _is_list(hint):
+                    kwargs["nargs"] = "+"
             choices = _literal_choices(hint)
             if choices:
                 kwargs["choices"] = choices
+                kwargs.pop("metavar", None)
             group.add_argument(flag, **kwargs)
 
 
