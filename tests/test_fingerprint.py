@@ -162,3 +162,19 @@ def test_saving_while_merged_records_no_samples_for_merged_weights(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lorakit.load_adapter(tiny_gpt2(seed=0), tmp_path, strict_base=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fingerprint_does_not_depend_on_the_device(tmp_path):
+    model = tiny_llama(seed=0).cuda()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "gpu")
+    saved_llama(tmp_path / "cpu")
+    assert fingerprint_of(tmp_path / "gpu") == fingerprint_of(tmp_path / "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_adapter(tiny_llama(seed=0), tmp_path / "gpu", strict_base=True)
+        lorakit.load_adapter(tiny_llama(seed=0).cuda(), tmp_path / "cpu", strict_base=True)
+    with pytest.raises(BaseModelMismatch, match="weight values"):
+        lorakit.load_adapter(tiny_llama(seed=1).cuda(), tmp_path / "cpu", strict_base=True)
