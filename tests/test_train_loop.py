@@ -155,3 +155,9 @@ def test_non_finite_loss_stops_with_the_step():
     check_finite(1.5, 3)
     with pytest.raises(TrainingError, match="step 7: the loss is nan"):
         check_finite(float("nan"), 7)
+
+
+def test_a_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(files, tmp_path):
+    train(config(files, tmp_path / "r", steps=4, save_every=2))
+    with pytest.raises(TrainingError, match=r"checkpoints of an earlier run \(steps \[2\]\); pass --resume"):
+        train(config(files, tmp_path / "r", steps=4, save_every=2))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LoraError
-from .checkpoint import latest_checkpoint, restore, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, restore, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE, Batches, DataStats, eval_batches, load_examples, pack, read_jsonl, split_records
 from .outputs import Dist, MetricsLog, adapter_readme, plot_losses, write_text
@@ -111,6 +111,10 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
         start = ckpt.step
         metrics.truncate_after(start)
     else:
+        stale = [step for step, _ in list_checkpoints(out)]
+        if stale:
+            raise TrainingError(f"{out / 'checkpoints'} holds checkpoints of an earlier run (steps {stale}); pass "
+                                "--resume to continue it, or use another --out-dir (or delete them)")
         metrics.reset()
 
     # 5. the steps
