@@ -9,19 +9,23 @@ and backward keeps the float32 log-softmax (N, V) alive until the step ends. Her
 are processed ``chunk_size`` at a time and the gradient with respect to ``h`` is computed
 in the forward pass, while the chunk's logits are at hand::
 
-    z   = h_c W^T (+ b)                     (c, V)  float32, one chunk only
-    l_n = logsumexp(z_n) - z_n[y_n]
-    p   = softmax(z) - onehot(y)            (c, V)  in place over z
-    dH_c = (p / n_valid) W                  (c, H)  kept for backward
-    dW  += (p / n_valid)^T h_c              (V, H)  only when W itself requires a gradient
+    z    = h_c W^T (+ b)                      (c, V)  in h's dtype, one chunk only
+    logp = log_softmax(z)                     (c, V)  float32 (computed from z in float32)
+    l_n  = -logp_n[y_n]
+    p    = exp(logp) - onehot(y)              (c, V)  written over z, in h's dtype
+    dH_c = (p W) * m_n / n_valid              (c, H)  kept for backward; m_n = 0 for ignored rows
+    dW  += p^T (h_c * m / n_valid)            (V, H)  only when W itself requires a gradient
 
 Backward only scales the stored ``dH`` (and ``dW``, ``db``) by the incoming gradient: no
-logits are recomputed and none are kept. The peak memory of the loss is one chunk of
-float32 logits instead of several (N, V) tensors, and the number of passes over the
-logits is smaller than the unfused path's (no separate upcast, log-softmax and its backward).
+logits are recomputed and none are kept. Per chunk the (c, V) data is touched about four
+times in float32 units (the logits written, read twice by log_softmax, its float32 result
+written and read once by exp, whose result in h's dtype the gradient GEMM reads), against
+about ten for the unfused path (upcast copy, log-softmax, its backward, the cast back).
+The loss's peak memory is one chunk instead of several (N, V) tensors.
 
 Rows whose label is ``ignore_index`` contribute nothing; the mean is over the others (as
-``F.cross_entropy``). Exact (to float rounding) against ``F.cross_entropy(h W^T + b, y)``.
+``F.cross_entropy``), except that a batch with every label ignored gives 0, not NaN.
+Exact (to float rounding) against ``F.cross_entropy((h W^T + b).float(), y)``.
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ def _chunk_rows(n: int, vocab: int, chunk_size: Optional[int]) -> int:
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """z = h W^T + b as float32: (c, H) x (V, H) -> (c, V)."""
-    z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-    return z.float()
+    """z = h W^T + b in h's dtype: (c, H) x (V, H) -> (c, V)."""
+    return h @ weight.t() if bias is None else torch.addmm(bias.to(h.dtype), h, weight.t())
 
 
 class _LinearCrossEntropyFn(torch.autograd.Function):
@@ -53,6 +56,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                 chunk: int, reduction: str) -> Tensor:
         n = h.shape[0]
+        w = weight.to(h.dtype)                                         # a no-op when the dtypes agree
         valid = labels != ignore_index                                 # (N,)
         denom = valid.sum().clamp_min(1).to(torch.float32) if reduction == "mean" else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -63,24 +67,21 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
             hc, yc, vc = h[i:i + chunk], labels[i:i + chunk], valid[i:i + chunk]
-            z = _chunk_logits(hc, weight, bias)                          # (c, V) float32
-            lse = torch.logsumexp(z, dim=-1)                             # (c,)
+            z = _chunk_logits(hc, w, bias)                               # (c, V), h's dtype
+            logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)     # (c, V) float32
             yc_safe = torch.where(vc, yc, 0).unsqueeze(1)                # (c, 1)
-            target = z.gather(1, yc_safe).squeeze(1)
-            losses[i:i + chunk] = torch.where(vc, lse - target, 0.0)
+            losses[i:i + chunk] = torch.where(vc, logp.gather(1, yc_safe).squeeze(1).neg(), 0.0)
             if not (need_h or need_w or need_b):
                 continue
-            p = z.sub_(lse.unsqueeze(1)).exp_()                          # softmax, in place over z
-            p.scatter_add_(1, yc_safe, torch.full_like(target, -1.0).unsqueeze(1))
-            scale = vc.to(torch.float32) if denom is None else vc.to(torch.float32) / denom
-            p.mul_(scale.unsqueeze(1))                                   # (c, V) dLoss/dz
-            pc = p.to(h.dtype)
+            p = logp.exp_() if z.dtype == torch.float32 else torch.exp(logp, out=z)   # softmax, (c, V)
+            p.scatter_add_(1, yc_safe, torch.full(yc_safe.shape, -1.0, dtype=p.dtype, device=p.device))
+            m = vc.to(torch.float32) if denom is None else vc.to(torch.float32) / denom   # (c,) row weights
             if need_h:
-                dh[i:i + chunk] = pc @ weight.to(h.dtype)                # (c, H)
+                torch.mm(p, w, out=dh[i:i + chunk]).mul_(m.to(h.dtype).unsqueeze(1))     # (c, H)
             if need_w:
-                dw.addmm_(p.t(), hc.float())
+                dw.addmm_(p.t().float(), hc.float() * m.unsqueeze(1))
             if need_b:
-                db += p.sum(0)
+                db.add_(m.to(p.dtype) @ p)
         ctx.save_for_backward(dh, dw, db)
         ctx.reduction, ctx.w_dtype = reduction, weight.dtype
         if reduction == "none":

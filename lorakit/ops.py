@@ -183,12 +183,18 @@ class _LoraLinearFn(torch.autograd.Function):
 def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
                         B: Tensor, scale: float, merged: bool) -> Tensor:
     """The forward alone (inference): no autograd node, the fewest kernels (2 merged, 3 unmerged)."""
-    Ac, Bc = _cast(A, x.dtype), _cast(B, x.dtype)
+    dt = x.dtype
+    if A.dtype != dt:
+        A = A.to(dt)
+    if B.dtype != dt:
+        B = B.to(dt)
     if merged and xd is None:
-        return F.linear(x, torch.addmm(weight, Bc, Ac, alpha=scale), bias)
-    xa = F.linear(x if xd is None else xd, Ac)                              # (..., r)
+        return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
     out = F.linear(x, weight, bias)                                         # (..., d)
-    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
+    xa = F.linear(x if xd is None else xd, A)                               # (..., r)
+    if out.dim() == 2:
+        return out.addmm_(xa, B.t(), alpha=scale)                           # += s xa B^T
+    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=scale)
     return out
 
 
