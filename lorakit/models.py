@@ -264,33 +264,36 @@ def render_prompt(tokenizer, prompt: Any, chat: Optional[bool] = None, system: O
 def complete(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int = 64, sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, batch_size: int = 16) -> list[str]:
     """Generate a continuation of each rendered prompt in ``texts`` (batched, left-padded);
-    greedy unless ``sample``. Returns the decoded new text only, special tokens removed."""
+    greedy unless ``sample``. Returns the decoded new text only, special tokens removed.
+
+    Each prompt is tokenized alone, as training tokenizes prompts (lorakit.train.data): the
+    tokenizer's leading special tokens (e.g. BOS) are added unless the text already starts
+    with them (chat templates usually write them out)."""
     from .train.data import special_prefix
     device = next(model.parameters()).device
     prefix = special_prefix(tokenizer)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[str] = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i:i + batch_size]
-            # Chat templates carry their own special tokens; plain prompts get the tokenizer's (e.g. BOS).
-            enc = tokenizer([t for t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            if prefix and not all(t.startswith(tokenizer.decode(prefix)) for t in chunk):
-                ids = torch.cat([torch.tensor([prefix] * len(chunk)), ids], 1)
-                mask = torch.cat([torch.ones(len(chunk), len(prefix), dtype=mask.dtype), mask], 1)
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                          eos_token_id=tokenizer.eos_token_id)
-            if sample:
-                torch.manual_seed(seed + i)
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            out += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                    .strip() for g in gen]
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(texts), batch_size):
+        rows = []
+        for text in texts[i:i + batch_size]:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            rows.append(ids if not prefix or ids[:len(prefix)] == prefix else prefix + ids)
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)     # (B, T), left-padded
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, T - len(r):] = torch.tensor(r)
+            mask[j, T - len(r):] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+        if sample:
+            torch.manual_seed(seed + i)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        out += [tokenizer.decode(g[T:], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+                for g in gen]
     return out
 
 

@@ -23,8 +23,9 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer(chat_template: bool = True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(chat_template: bool = True, bos: bool = False):
+    """``bos``: the tokenizer puts <|endoftext|> before every text it encodes (as Llama's adds <s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -32,8 +33,11 @@ def tiny_tokenizer(chat_template: bool = True):
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                           special_tokens=[("<|endoftext|>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>" if chat_template else "<|endoftext|>",
-                                   pad_token="<pad>", bos_token=None)
+                                   pad_token="<pad>", bos_token="<|endoftext|>" if bos else None)
     if chat_template:
         fast.chat_template = CHATML
     return fast

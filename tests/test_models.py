@@ -116,3 +116,19 @@ def test_embedded_smollm2_generates_and_an_injected_adapter_changes_nothing():
         after = lm.model(**enc).logits
     assert torch.equal(before, after)
     assert models.complete(lm.model, lm.tokenizer, [text], max_new_tokens=8)[0] == answer
+
+
+def test_complete_adds_the_tokenizers_bos_like_training_does(tiny_dir):
+    from _tiny_lm import tiny_tokenizer
+    from lorakit.train.data import encode
+    tok = tiny_tokenizer(bos=True)
+    lm = load_base(str(tiny_dir))
+    ex = encode({"prompt": "the quick", "completion": " fox"}, "prompt_completion", tok)
+    assert ex.input_ids[0] == tok.convert_tokens_to_ids("<|endoftext|>") == 0
+    prompt_ids = [i for i, y in zip(ex.input_ids, ex.labels) if y == -100]
+    with torch.no_grad():
+        ref = lm.model.generate(torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                pad_token_id=tok.pad_token_id)[0, len(prompt_ids):]
+    got = models.complete(lm.model, tok, ["the quick", "<|endoftext|>the quick"], max_new_tokens=4)
+    expected = tok.decode(ref, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+    assert got == [expected, expected]          # BOS added once, never twice
