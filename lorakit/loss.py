@@ -127,5 +127,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     h2 = hidden.reshape(-1, hidden.shape[-1])
     y2 = labels.reshape(-1)
     chunk = _chunk_rows(h2.shape[0], weight.shape[0], chunk_size)
-    out = _LinearCrossEntropyFn.apply(h2, weight, bias, y2, ignore_index, chunk, reduction)
+    with torch.autocast(hidden.device.type, enabled=False):     # dtypes are handled explicitly inside
+        out = _LinearCrossEntropyFn.apply(h2, weight, bias, y2, ignore_index, chunk, reduction)
     return out.view(labels.shape) if reduction == "none" else out

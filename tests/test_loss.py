@@ -122,3 +122,12 @@ def test_gpu_large_vocab_bfloat16():
     want = grads(reference, h.float(), w.float(), None, y)
     for a, ref in zip(got, want):
         assert rel(a, ref) < 1e-2
+
+
+def test_under_autocast_matches_float32():
+    h, w, _, y = data(lead=(5, 4), hid=16, vocab=40)
+    want = grads(reference, h, w, None, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grads(linear_cross_entropy, h, w, None, y)
+    for a, ref in zip(got, want):
+        assert a.dtype == ref.dtype and rel(a, ref) < 1e-5

@@ -224,6 +224,10 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     body, head = split_head(model)
     if body is not None:
         hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]    # (B, T-1, H)
+        if type(head) is torch.nn.Linear:       # fused with the head, in chunks: no (N, V) logits kept
+            from ..loss import linear_cross_entropy
+            loss = linear_cross_entropy(hidden[mask], head.weight, labels[mask], head.bias, reduction="sum")
+            return loss, int(mask.sum())
         logits = head(hidden[mask])                                            # (N, V)
     else:
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]         # (N, V)
