@@ -145,7 +145,11 @@ class _LoraLinearFn(torch.autograd.Function):
             xa = F.linear(x if xd is None else xd, Ac)                      # (..., r)
             out = F.linear(x, weight, bias)                                 # (..., d)
             out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
-        ctx.scale, ctx.merged, ctx.same = scale, merged, xd is None
+        # Backward rebuilds W' rather than keeping it (it would cost the model's size in memory).
+        # Under torch.compile a rebuild that reads only forward inputs is hoisted into the forward
+        # graph and W' saved anyway, so there backward takes the unmerged form: dY W0 + s g A.
+        ctx.scale, ctx.same = scale, xd is None
+        ctx.merged = merged and not torch.compiler.is_compiling()
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
         ctx.save_for_backward((x if xd is None else xd) if ctx.needs_input_grad[4] else None, xa, weight, Ac, Bc)
         return out

@@ -236,6 +236,31 @@ def test_ops_compile_fullgraph_forward_and_backward(mode):
         check_same(got, want, 1e-5)
 
 
+def test_compiled_graph_keeps_no_merged_weight_for_backward():
+    """Under torch.compile the forward graph's saved tensors are x and the weights, never W'."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    saved = []
+
+    def fw(gm, _):
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(o for o in out[1:] if o.op != "placeholder")      # tensors the forward computed
+        return make_boxed_func(gm)
+
+    backend = aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, _: make_boxed_func(gm),
+                           partition_fn=min_cut_rematerialization_partition)
+    x, w, b, A, B = make((256,), 16, 12, 2)
+    A.requires_grad_()
+    B.requires_grad_()
+    x.requires_grad_()
+    fn = torch.compile(lambda x: ops.lora_linear(x * 2, w, b, A, B, 2.0, mode="merged").sum(), backend=backend,
+                       fullgraph=True)
+    fn(x).backward()
+    torch._dynamo.reset()
+    shapes = [tuple(n.meta["val"].shape) for n in saved]
+    assert (12, 16) not in shapes and (16, 12) not in shapes, shapes
+
+
 def test_injected_model_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(0)
     model = tiny_llama(hidden=32, layers=1)
