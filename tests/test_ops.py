@@ -19,6 +19,15 @@ from lorakit import ops
 
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (on a loaded 2-core machine, thread hand-offs dominate)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MODES = ["auto", "merged", "unmerged"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
