@@ -20,6 +20,12 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     lorakit+compile-fn   lorakit compiled with the fast autograd path traced (ops.lora_linear),
                      where LoraLinear traces the plain reference by default while compiling
 
+Columns: tokens/s and step ms (median), x bound (the eager bound; compiled variants: the
+compiled bound), x PEFT (same rank and mode), peak GiB (CUDA), saved MiB (what autograd keeps
+for backward, weights excluded; eager only), CPU-time ms (process CPU time per step: on CPU
+the compute itself; on CUDA the host spin-waits in synchronize, so it only says the host was
+busy), spread ((max - min) / median).
+
 Usage::
 
     PYTHONPATH=. python bench/train_step.py --device cpu            # SmolLM2-135M widths, 16 layers
