@@ -4,6 +4,8 @@
 #
 #   bash bench/h200.sh train1b     # GPU tests, per-projection profile, training step at the 1B shape
 #   bash bench/h200.sh infer8b     # inference at the 1B shape, training step at the 8B shape
+#   bash bench/h200.sh run2        # the second session run: 1B re-measure, 1B inference, 8B (VARIANTS_1B,
+#                                   # INFER_VARIANTS, VARIANTS_8B pick the variants)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -43,5 +45,5 @@ case "${1:-}" in
       --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss}" --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
     ;;
   *)
-    echo "usage: bash bench/h200.sh train1b|infer8b"; exit 2 ;;
+    echo "usage: bash bench/h200.sh train1b|infer8b|run2"; exit 2 ;;
 esac
