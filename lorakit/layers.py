@@ -178,16 +178,17 @@ class LoraLinear(LoraLayer):
         return (delta.t() if self.fan_in_fan_out else delta).to(dtype or self.base.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.state.rows is not None and self.merged_name is None and not self.state.disabled:
-            return self.state.rows.linear(self, x)
-        a = self.active_adapter()
-        if a is None:
+        st = self.state
+        if st.disabled or self.merged_name is not None:
             return self.base(x)
-        x_drop = F.dropout(x, a.dropout, self.training) if a.dropout > 0 and self.training else None
-        # Under torch.compile the readable reference is traced: plain ops the compiler can fuse
-        # and differentiate itself. The hand-written autograd.Function is the eager fast path.
-        fn = ops.lora_linear_reference if torch.compiler.is_compiling() else ops.lora_linear
-        return fn(x, self.base_weight_dk(), self.base.bias, a.lora_A, a.lora_B, a.scale, x_drop)
+        if st.rows is not None:
+            return st.rows.linear(self, x)
+        if st.active is None or st.active not in self.adapters:
+            return self.base(x)
+        a = self.adapters[st.active]
+        x_drop = F.dropout(x, a.dropout, True) if a.dropout > 0 and self.training else None
+        # ops.lora_linear is the fast path in eager mode and traces under torch.compile(fullgraph=True).
+        return ops.lora_linear(x, self.base_weight_dk(), self.base.bias, a.lora_A, a.lora_B, a.scale, x_drop)
 
 
 class LoraEmbedding(LoraLayer):
