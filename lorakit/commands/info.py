@@ -56,7 +56,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     tensors = read_tensors(weights_file)
     layers: dict[str, dict[str, Any]] = {}
     saved_params = 0
-    for key, t in sorted(tensors.items()):
+    for key, t in sorted(tensors.items(), key=lambda kv: natural_key(kv[0])):
         module, kind = split_key(key)
         if kind is None:
             saved_params += t.numel()
@@ -99,6 +99,12 @@ def describe(path: str | Path) -> dict[str, Any]:
                 info["training"] = {"steps": rows[-1]["step"], "final_loss": rows[-1]["loss"],
                                     "final_eval_loss": evals[-1] if evals else None}
     return info
+
+
+def natural_key(key: str) -> list:
+    """Sort "layers.2" before "layers.10"."""
+    import re
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
 def split_key(key: str) -> tuple[str, Any]:
