@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,18 +69,19 @@ def test_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
     good = adapter_tensors(model)
     one_step(model, opt, sched)
 
-    real_write = ck.atomic_write_bytes
+    import lorakit.atomic as atomic
+    real_write = atomic.write_new_file
 
     def dies_half_way(path, data):
-        if path.name == ck.STATE_JSON:          # the optimizer state is already written: crash now
-            path.write_bytes(data[: len(data) // 2])
+        if Path(path).name == ck.STATE_JSON:    # the optimizer state is already written: crash now
+            Path(path).write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt("power cut")
         real_write(path, data)
 
-    monkeypatch.setattr(ck, "atomic_write_bytes", dies_half_way)
+    monkeypatch.setattr(atomic, "write_new_file", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path, 2, model, "default", opt, sched, {"index": 2})
-    monkeypatch.setattr(ck, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(atomic, "write_new_file", real_write)
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
     latest = ck.latest_checkpoint(tmp_path)
     fresh, _, opt2, sched2 = setup_run(seed=1)
@@ -90,7 +93,7 @@ def test_leftovers_of_a_killed_process_are_ignored_then_removed(tmp_path):
     model, _, opt, sched = setup_run()
     ck.save_checkpoint(tmp_path, 1, model, "default", opt, sched, {})
     root = tmp_path / "checkpoints"
-    half = root / ".tmp-step-000002-abc"                # what `kill -9` mid-save leaves
+    half = root / ".step-000002.lorakit-new-999999999-abcd0123"   # what `kill -9` mid-save leaves
     half.mkdir()
     (half / "trainer_state.pt").write_bytes(b"garbage")
     (root / "step-000003").mkdir()                        # no trainer_state.json: incomplete

@@ -5,11 +5,14 @@
         trainer_state.pt     optimizer + scheduler + RNG states (torch.save; loaded with weights_only=True)
         trainer_state.json   step, data position, metrics of that step, the run's config (written last)
 
-A checkpoint is built in a hidden temporary folder next to the others (each file written
-to a temporary file and renamed) and published with one ``os.replace`` of the folder: a
-crash at any moment leaves either the complete new checkpoint or none, and the previous
-ones untouched. Hidden leftovers of a crash are removed by the next save. Only the last
-``keep_last`` checkpoints stay on disk.
+A checkpoint is built in a hidden folder next to the others (each file fsynced) and swapped
+into place by ``lorakit.atomic.atomic_save_folder``: a crash at any moment leaves either the
+complete new checkpoint or none, and the previous ones untouched; leftovers of a crash are
+repaired or removed by the next save (``atomic.repair_all``). Only the last ``keep_last``
+checkpoints stay on disk.
+
+Resume refuses a checkpoint made for another base model (the adapter's base fingerprint,
+see lorakit.fingerprint) or another adapter config, naming the difference.
 
 On resume, the RNG states (torch CPU and CUDA, Python's ``random``) are restored after
 the model is built, so dropout masks and data order continue as if never interrupted: on
@@ -20,11 +23,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +33,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import LoraError
-from ..io import atomic_write_bytes, read_tensors, save_adapter
+from ..io import read_tensors
 
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -93,60 +94,31 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(out_dir: str | Path, step: int, model, adapter_name: str, optimizer, scheduler,
                     data_state: dict[str, Any], info: Optional[dict[str, Any]] = None, keep_last: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+    """Write checkpoint ``step`` crash-safely, then delete all but the newest ``keep_last``.
+
+    The folder is built beside its final name and swapped in by ``lorakit.atomic``: after a
+    crash at any moment the step's folder is complete (old or new) or absent, and earlier
+    checkpoints are untouched. Leftovers of an earlier crash are repaired or removed first.
+    """
+    from ..atomic import atomic_save_folder, repair_all, write_new_file
+    from ..io import write_adapter_files
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
-        save_adapter(model, tmp, name=adapter_name)
-        states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        buf = io.BytesIO()
-        torch.save(states, buf)
-        atomic_write_bytes(tmp / STATE_PT, buf.getvalue())
-        meta = {"step": step, "data": data_state, "adapter_name": adapter_name, **(info or {})}
-        atomic_write_bytes(tmp / STATE_JSON, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
+    repair_all(root)
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    buf = io.BytesIO()
+    torch.save(states, buf)
+    meta = {"step": step, "data": data_state, "adapter_name": adapter_name, **(info or {})}
+
+    def write(folder: Path) -> None:
+        write_adapter_files(model, folder, name=adapter_name)       # refuses non-finite weights
+        write_new_file(folder / STATE_PT, buf.getvalue())
+        write_new_file(folder / STATE_JSON, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())  # last
+
+    final = atomic_save_folder(root / f"step-{step:06d}", write, keep_others=False)
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; an existing ``final`` (the same step saved again) is swapped out."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _remove_leftovers(root: Path) -> None:
-    for p in root.iterdir():
-        if p.name.startswith((".tmp-", ".old-")):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -162,9 +134,39 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Optional[Checkpoint]:
-    """The newest complete checkpoint of ``out_dir`` (None when there is none)."""
+    """The newest complete checkpoint of ``out_dir`` (None when there is none). A swap that a
+    crash interrupted is finished first (lorakit.atomic.repair_all), so it is found."""
+    from ..atomic import repair_all
+    if checkpoint_dir(out_dir).is_dir():
+        repair_all(checkpoint_dir(out_dir))
     found = list_checkpoints(out_dir)
     return read_checkpoint(found[-1][1]) if found else None
+
+
+def check_compatible(ckpt: Checkpoint, config: dict[str, Any], model) -> None:
+    """Refuse to resume from a checkpoint made for another base model or adapter config.
+
+    ``config`` is this run's TrainConfig.to_dict(); the model and lora sections must equal the
+    checkpoint's, and the adapter file's base fingerprint must match ``model``.
+    """
+    from ..fingerprint import BaseModelMismatch, check_base
+    from ..io import WEIGHTS_NAME, read_metadata
+    saved = ckpt.info.get("config") or {}
+    diffs = []
+    for section in ("model", "lora"):
+        old, new = saved.get(section) or {}, config.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if section == "model" and key == "device":
+                continue                      # moving a run to another device is fine
+            if old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r}, this run {new.get(key)!r}")
+    if diffs:
+        raise CheckpointError(f"{ckpt.path}: made for another configuration, cannot resume: " + "; ".join(diffs)
+                              + ". Resume with the checkpoint's settings, or start a new out_dir")
+    try:
+        check_base(model, read_metadata(ckpt.path / WEIGHTS_NAME), str(ckpt.path / WEIGHTS_NAME), strict=True)
+    except BaseModelMismatch as e:
+        raise CheckpointError(f"cannot resume on this base model: {e}") from None
 
 
 def restore(ckpt: Checkpoint, model, adapter_name: str, optimizer, scheduler) -> None:
@@ -190,5 +192,5 @@ def restore(ckpt: Checkpoint, model, adapter_name: str, optimizer, scheduler) ->
     set_rng_state(ckpt.states["rng"])
 
 
-__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "latest_checkpoint",
+__all__ = ["Checkpoint", "CheckpointError", "check_compatible", "save_checkpoint", "read_checkpoint", "latest_checkpoint",
            "list_checkpoints", "restore", "rng_state", "set_rng_state"]

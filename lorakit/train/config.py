@@ -150,6 +150,7 @@ class RunSection:
     eval_batches: int = _f(0, "validation batches per evaluation (0: all)")
     save_every: int = _f(0, "write a checkpoint every N steps (0: none)")
     keep_last: int = _f(2, "checkpoints kept on disk")
+    max_bad_steps: int = _f(5, "a step with a non-finite loss or gradient is skipped; stop after this many in a row")
     resume: bool = _f(False, "continue from the latest checkpoint in out_dir/checkpoints")
     precision: Precision = _f("auto", "auto: bf16 autocast on CUDA when supported, else fp32")
     progress: bool = _f(True, "show a progress bar")
@@ -157,7 +158,7 @@ class RunSection:
     def problems(self) -> list[str]:
         out = _check_choice(self, "precision")
         for name, low in (("steps", 1), ("eval_every", 0), ("eval_batches", 0), ("save_every", 0),
-                          ("keep_last", 1)):
+                          ("keep_last", 1), ("max_bad_steps", 1)):
             if not _int_at_least(getattr(self, name), low):
                 out.append(f"run.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LoraError
-from .checkpoint import latest_checkpoint, list_checkpoints, restore, save_checkpoint
+from .checkpoint import check_compatible, latest_checkpoint, list_checkpoints, restore, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE, Batches, DataStats, eval_batches, load_examples, pack, read_jsonl, split_records
 from .outputs import Dist, MetricsLog, adapter_readme, plot_losses, write_text
@@ -54,6 +54,7 @@ class TrainResult:
     final_loss: Optional[float] = None
     final_eval_loss: Optional[float] = None
     resumed_from: Optional[int] = None
+    bad_steps: int = 0                  # steps skipped for a non-finite loss or gradient
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,6 +107,7 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoints'} (run without --resume to start)")
+        check_compatible(ckpt, cfg.to_dict(), model)
         restore(ckpt, model, name, optimizer, scheduler)
         batches.load_state(ckpt.info["data"])
         start = ckpt.step
@@ -123,6 +125,7 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
     result = TrainResult(out / "adapter", out, cfg.run.steps, 0.0, 0, 0.0, resumed_from=start or None,
                          data=data_info)
     bar = progress_bar(start, cfg.run.steps, enabled=cfg.run.progress and dist.is_main)
+    bad_in_a_row = 0
     t_run = time.perf_counter()
     model.train()
     try:
@@ -130,14 +133,18 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
             t0 = time.perf_counter()
             micro = [to_device(batches.next(), device) for _ in range(o.grad_accum)]
             loss, n_tokens = train_step(model, micro, precision, scaler)
-            check_finite(loss, step)
             lr = optimizer.param_groups[0]["lr"]                      # the lr this step used
-            grad_norm = clip_and_step(params, optimizer, scaler, o.max_grad_norm)
+            stepped, grad_norm = guarded_step(params, optimizer, scaler, o.max_grad_norm, loss)
+            bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+            result.bad_steps += not stepped
+            if bad_in_a_row >= cfg.run.max_bad_steps:
+                stop_on_bad_steps(cfg, out, step, bad_in_a_row, model, name, optimizer, scheduler, batches, dist)
             scheduler.step()
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss, "eval_loss": None, "lr": lr,
                    "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
-                   "elapsed_s": time.perf_counter() - t_run}
+                   "elapsed_s": time.perf_counter() - t_run, "skipped": int(not stepped),
+                   "bad_steps": result.bad_steps}
             if valid_set and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.run.steps):
                 row["eval_loss"] = evaluate(model, valid_set, o.batch_size, tok.pad_token_id, device, precision,
                                             cfg.run.eval_batches)
@@ -189,26 +196,45 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], precision: str, scal
     return total, n_input
 
 
-def check_finite(loss: float, step: int) -> None:
-    """The guard against non-finite losses (the one place to extend: skip, rescale, roll back)."""
-    if not math.isfinite(loss):
-        raise TrainingError(f"step {step}: the loss is {loss}; lower --lr, use --precision fp32, or check the data")
+def guarded_step(params: list, optimizer, scaler, max_norm: Optional[float], loss: float
+                 ) -> tuple[bool, Optional[float]]:
+    """The non-finite guard, then clip and step: returns (stepped, gradient norm).
 
-
-def clip_and_step(params: list, optimizer, scaler, max_norm: Optional[float]) -> Optional[float]:
-    """Clip the global gradient norm (when asked), step, and zero the gradients."""
+    A step whose loss or global gradient norm is NaN/Inf changes nothing: its gradients are
+    dropped and the weights and optimizer state stay as they were (so they stay finite and
+    every checkpoint holds finite values). With fp16 loss scaling, an overflowing gradient is
+    the scaler's business (it skips that step and lowers the scale); only the loss counts.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = None
-    if max_norm is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not math.isfinite(loss) or (scaler is None and not math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return False, None
+    if max_norm is not None and grads:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, torch.tensor(norm))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return True, norm
+
+
+def stop_on_bad_steps(cfg: TrainConfig, out: Path, step: int, bad: int, model, name: str, optimizer, scheduler,
+                      batches, dist: Dist) -> None:
+    """K non-finite steps in a row: save the (still finite) state as a checkpoint and stop."""
+    where = "no checkpoint written (not the main process)"
+    if dist.is_main:
+        path = save_checkpoint(out, step, model, name, optimizer, scheduler, batches.state(),
+                               {"loss": None, "config": cfg.to_dict()}, cfg.run.keep_last)
+        where = f"the last good state is saved in {path} (--resume continues from it)"
+    raise TrainingError(f"step {step}: {bad} steps in a row had a non-finite loss or gradient and were skipped; "
+                        f"stopping. {where}. Lower --lr, use --precision fp32, or check the data.")
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -344,4 +370,4 @@ class _NoBar:
 
 
 __all__ = ["train", "TrainResult", "TrainingError", "train_step", "causal_lm_loss", "evaluate", "lr_factor",
-           "prepare_data", "check_finite", "split_head"]
+           "prepare_data", "guarded_step", "split_head"]

@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from ..io import atomic_write_bytes
 
-METRIC_FIELDS = ("step", "loss", "eval_loss", "lr", "tokens_per_s", "tokens", "elapsed_s", "grad_norm")
+METRIC_FIELDS = ("step", "loss", "eval_loss", "lr", "tokens_per_s", "tokens", "elapsed_s", "grad_norm", "skipped",
+                 "bad_steps")
 
 
 @dataclass(frozen=True)
