@@ -15,9 +15,11 @@ Quick tour::
 
 from .adapters import (active_adapter, adapter_names, adapter_parameters, delete_adapter, disable_adapters,
                        get_config, merge, set_adapter, set_trainable, unload, unmerge)
+from .atomic import FileWriteError
 from .config import LoraConfig
-from .errors import (AdapterExists, AdapterFormatError, AdapterNotFound, ConfigError, LoraError, MergedStateError,
-                     ShapeMismatch, TargetNotFound, UnsupportedModule)
+from .errors import (AdapterExists, AdapterFormatError, AdapterNotFound, CheckpointError, ConfigError, LoraError,
+                     MergedStateError, ShapeMismatch, TargetNotFound, UnsupportedModule)
+from .fingerprint import BaseModelMismatch, BaseModelWarning
 from .inject import inject
 from .io import load_adapter, lora_state_dict, save_adapter
 from .layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraState, SavedModule
@@ -34,6 +36,7 @@ __all__ = [
     "merge", "unmerge", "unload", "get_config", "set_trainable", "adapter_parameters",
     "LoraAdapter", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraState", "SavedModule",
     "LoraError", "ConfigError", "TargetNotFound", "UnsupportedModule", "AdapterNotFound", "AdapterExists",
-    "ShapeMismatch", "AdapterFormatError", "MergedStateError",
+    "ShapeMismatch", "AdapterFormatError", "MergedStateError", "CheckpointError", "FileWriteError",
+    "BaseModelMismatch", "BaseModelWarning",
     "batch_adapters", "RowPlan", "adapter_cache", "AdapterCache",
 ]
