@@ -189,6 +189,19 @@ def _why_unexpected(model: nn.Module, cfg: LoraConfig, k: str, exp: Expected) ->
     return f"module {module!r} is not adapted by the config's target_modules {cfg.target_modules!r}"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every value of ``t`` is finite.
+
+    A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one reduction, accumulated
+    in float32 for half types) proves every value finite; only a non-finite sum (a bad value, or
+    finite values whose sum overflows) pays for the elementwise check.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, model: nn.Module
                  ) -> dict[str, torch.Tensor]:
     """Pass 2: finite values, and saved base copies equal to the model's. Returns the adapter's
@@ -203,8 +216,8 @@ def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, m
                 differ.append(f"{key}: a saved copy of the base weight that differs from this model's "
                               "(was the vocabulary resized?)")
         elif k in wanted:
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
+            if not all_finite(t):
+                finite = torch.isfinite(t)
                 n_nan = int(torch.isnan(t).sum())
                 bad.append(f"{key}: expected finite values, got {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf")
             elif t.dtype != exp.dtypes[k] and not bool(torch.isfinite(t.to(exp.dtypes[k])).all()):

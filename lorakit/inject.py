@@ -251,7 +251,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str], saved: list[str],
-                trainable: bool, fill=None) -> None:
+                trainable: bool, fill=None, initialize: bool = True) -> None:
     """Add adapter ``name`` to the (validated) ``paths`` and ``saved`` modules, all or nothing.
 
     Wraps modules as needed, lets ``fill(model)`` copy loaded values in, freezes every base
@@ -265,7 +265,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str
     base_params = list(base_parameters(model))
     grads = [p.requires_grad for p in base_params]
     try:
-        add_adapter_layers(model, state, config, name, paths, saved, trainable)
+        add_adapter_layers(model, state, config, name, paths, saved, trainable, initialize)
         if fill is not None:
             fill(model)
         freeze_base(model)
@@ -293,14 +293,15 @@ def _rollback(model: nn.Module, name: str, before: dict, state: LoraState, activ
 
 
 def add_adapter_layers(model: nn.Module, state: LoraState, config: LoraConfig, name: str, paths: list[str],
-                       saved: list[str], trainable: bool) -> None:
+                       saved: list[str], trainable: bool, initialize: bool = True) -> None:
     """Wrap ``paths`` as needed and add adapter ``name`` to each; register it in the state.
+    ``initialize=False`` skips the random init (every value is about to be copied in).
     Not transactional on its own: call it through add_adapter."""
     dtype = _torch_dtype(config.adapter_dtype)
     for path in paths:
         layer = wrap(model, path, state)
         adapter = layer.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.scale_for(path),
-                                    config.dropout, config.init, dtype)
+                                    config.dropout, config.init if initialize else None, dtype)
         adapter.train(layer.training)
         adapter.requires_grad_(trainable)
     for path in saved:

@@ -375,7 +375,7 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, t
         _fill(m, name, paths, saved, by_path)
         place_loaded_adapter(m, name, device)
 
-    add_adapter(model, cfg, name, paths, saved, trainable, fill=fill)
+    add_adapter(model, cfg, name, paths, saved, trainable, fill=fill, initialize=not strict)  # strict: all copied
     return name
 
 

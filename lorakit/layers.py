@@ -111,12 +111,14 @@ class LoraLayer(nn.Module):
         return getattr(self.base, "bias", None)
 
     # -- adapters -----------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, scale: float, dropout: float, init: str,
+    def add_adapter(self, name: str, r: int, alpha: float, scale: float, dropout: float, init: Optional[str],
                     dtype: Optional[torch.dtype] = None) -> LoraAdapter:
+        """Add adapter ``name``; ``init=None`` leaves A uninitialised (the caller copies values in)."""
         w = self.base.weight
         a_shape, b_shape = self.adapter_shapes(r)
         adapter = LoraAdapter(a_shape, b_shape, r, alpha, scale, dropout, dtype or w.dtype, w.device)
-        _init_pair(adapter, init, embedding=isinstance(self, LoraEmbedding))
+        if init is not None:
+            _init_pair(adapter, init, embedding=isinstance(self, LoraEmbedding))
         self.adapters[name] = adapter
         return adapter
 
