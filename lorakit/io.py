@@ -40,7 +40,7 @@ from .inject import add_adapter, check_adapter_name, find_state, lora_layers, re
     saved_modules
 from .layers import LoraLinear
 from .locate import CONFIG_NAME, WEIGHTS_NAME, find_adapter_files, open_adapter  # noqa: F401 (re-exported)
-from .tensorfile import check_regular, read_data, read_file, read_header, serialize
+from .tensorfile import open_regular, read_data, read_file, read_header, serialize
 
 MAX_CONFIG_BYTES = 16 * 2**20
 
@@ -173,15 +173,8 @@ def parse_config(raw: bytes, source) -> LoraConfig:
 
 def read_config(path: PathLike) -> LoraConfig:
     """The LoraConfig of an adapter_config.json file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise AdapterFormatError(f"{path}: cannot read the adapter config: {e.strerror}") from None
-    try:
-        check_regular(fd, path)
+    with open_regular(path, "cannot read the adapter config") as fd:
         return parse_config(_read_all(fd, MAX_CONFIG_BYTES, path), path)
-    finally:
-        os.close(fd)
 
 
 def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
@@ -192,15 +185,8 @@ def read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
 
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (where the base fingerprint lives); reads the header only."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise AdapterFormatError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        check_regular(fd, path)
+    with open_regular(path) as fd:
         return read_header(fd, path).metadata
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------ loading

@@ -19,7 +19,7 @@ from typing import Optional, Union
 from .atomic import resolve_folder
 from .errors import AdapterFormatError
 from .inject import check_adapter_name
-from .tensorfile import check_regular, link_target, open_inside
+from .tensorfile import link_target, open_inside, open_regular_fd
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,13 +97,7 @@ def _missing_weights(folder: Path) -> AdapterFormatError:
 def _open_one(folder: Path, dfd: int, fname: str, explicit: Optional[Path], missing) -> int:
     try:
         if explicit is not None:
-            fd = os.open(explicit, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
-            try:
-                check_regular(fd, explicit)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
+            return open_regular_fd(explicit)
         return open_inside(folder, fname, dfd)
     except FileNotFoundError:
         if _same_folder(folder, dfd):

@@ -22,6 +22,7 @@ excepted), and only regular files (not a FIFO or a device).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -211,16 +212,9 @@ def read_data(fd: int, header: Header, source, keys: Optional[list[str]] = None)
 
 def read_file(path) -> tuple[Header, dict[str, torch.Tensor]]:
     """Header and tensors of the safetensors file at ``path`` (a path the caller chose: followed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise AdapterFormatError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        check_regular(fd, path)
+    with open_regular(path) as fd:
         header = read_header(fd, path)
         return header, read_data(fd, header, path)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -244,6 +238,34 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str
 
 
 # ------------------------------------------------------------------------------ opening safely
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)   # a FIFO cannot block us
+
+
+def open_regular_fd(path, what: str = "cannot open") -> int:
+    """A read-only descriptor of the regular file ``path`` (a path the caller chose: followed);
+    AdapterFormatError naming ``path`` when it cannot be opened or is not a regular file."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: {what}: {e.strerror}") from None
+    try:
+        check_regular(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def open_regular(path, what: str = "cannot open"):
+    """``with open_regular(path) as fd:``: open_regular_fd, closed on exit."""
+    fd = open_regular_fd(path, what)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def check_regular(fd: int, path) -> None:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -254,7 +276,7 @@ def check_regular(fd: int, path) -> None:
 def open_inside(folder: Path, name: str, dir_fd: int) -> int:
     """Open ``folder/name`` (``dir_fd`` is the open folder) for reading: a regular file, reached
     without following a symlink out of the folder. Raises FileNotFoundError when absent."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags = _READ_FLAGS
     try:
         fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
     except OSError as e:

@@ -71,6 +71,16 @@ def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.5) -> Non
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny tensors run fastest on one thread, and on a loaded 2-core machine thread hand-offs dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

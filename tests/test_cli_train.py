@@ -11,12 +11,7 @@ from _tiny_lm import save_tiny_model, sql_records, write_jsonl
 from lorakit.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

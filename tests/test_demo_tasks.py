@@ -19,12 +19,7 @@ from lorakit.train.data import IGNORE, Example, read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------ the committed data

@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from lorakit.errors import ConfigError, ShapeMismatch
 from lorakit.loss import linear_cross_entropy
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (on a loaded 2-core machine, thread hand-offs dominate)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.one_thread
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

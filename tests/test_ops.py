@@ -19,13 +19,7 @@ from lorakit import ops
 
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (on a loaded 2-core machine, thread hand-offs dominate)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.one_thread
 
 
 MODES = ["auto", "merged", "unmerged"]

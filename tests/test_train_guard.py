@@ -16,12 +16,7 @@ from lorakit.train import TrainConfig, TrainingError, train
 from lorakit.train.checkpoint import CheckpointError, list_checkpoints
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

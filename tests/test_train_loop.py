@@ -16,14 +16,7 @@ from lorakit.train import TrainConfig, TrainingError, train
 from lorakit.train.loop import causal_lm_loss, lr_factor, split_head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes); module
-    scope, so the module's fixtures that train run with it too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
