@@ -62,6 +62,46 @@ class CNN(nn.Module):
         return self.head(h.mean(-1))           # (B, 4)
 
 
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def run(model, x=IDS):
+    """The model's output tensor (logits or last hidden state) without autograd."""
+    with torch.no_grad():
+        out = model(x)
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out
+
+
+def seeded(cls):
+    """A builder of ``cls()`` with torch seeded 0 (the same weights every call)."""
+    def build():
+        torch.manual_seed(0)
+        return cls()
+    return build
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave alone: tensors, module types, grad flags, adapter names."""
+    import lorakit
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "types": [(n, type(m)) for n, m in model.named_modules()],
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "adapters": lorakit.adapter_names(model), "active": lorakit.active_adapter(model)}
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    now = snapshot(model)
+    assert now["types"] == before["types"]
+    assert now["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(now["state"][k], v), k
+    assert now["grad"] == before["grad"]
+    assert (now["adapters"], now["active"]) == (before["adapters"], before["active"])
+
+
 def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
     """Give every adapter parameter random values (B starts at zero, which hides bugs)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CNN, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import CNN, randomize_adapters, run, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
@@ -19,13 +19,6 @@ from lorakit.layers import LoraLayer, SavedModule
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def run(model, x=IDS):
-    with torch.no_grad():
-        out = model(x)
-    for attr in ("logits", "last_hidden_state"):
-        if hasattr(out, attr):
-            return getattr(out, attr)
-    return out
 
 
 def rel_err(a, b) -> float:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import CNN, MLP, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import CNN, MLP, assert_unchanged, seeded, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
@@ -25,11 +25,6 @@ def run(model, x):
     return out
 
 
-def seeded(cls):
-    def build():
-        torch.manual_seed(0)
-        return cls()
-    return build
 
 
 # name: (model builder, LoraConfig kwargs, input)
@@ -44,22 +39,8 @@ CASES = {
 }
 
 
-def snapshot(model: nn.Module) -> dict:
-    """Everything a failed call must leave alone: tensors, module types, grad flags, adapter names."""
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "types": [(n, type(m)) for n, m in model.named_modules()],
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "adapters": lorakit.adapter_names(model), "active": lorakit.active_adapter(model)}
 
 
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    now = snapshot(model)
-    assert now["types"] == before["types"]
-    assert now["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(now["state"][k], v), k
-    assert now["grad"] == before["grad"]
-    assert (now["adapters"], now["active"]) == (before["adapters"], before["active"])
 
 
 def expected_trainable(base_model: nn.Module, ranks: dict[str, int]) -> int:

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 import torch
-from conftest import CNN, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import CNN, assert_unchanged, randomize_adapters, run, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,29 +21,10 @@ IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 P = "base_model.model."
 
 
-def run(model, x=IDS):
-    with torch.no_grad():
-        out = model(x)
-    for attr in ("logits", "last_hidden_state"):
-        if hasattr(out, attr):
-            return getattr(out, attr)
-    return out
 
 
-def snapshot(model: nn.Module) -> dict:
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "types": [(n, type(m)) for n, m in model.named_modules()],
-            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "adapters": lorakit.adapter_names(model), "active": lorakit.active_adapter(model)}
 
 
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    now = snapshot(model)
-    assert now["types"] == before["types"]
-    assert now["state"].keys() == before["state"].keys()
-    assert all(torch.equal(now["state"][k], v) for k, v in before["state"].items())
-    assert now["grad"] == before["grad"]
-    assert (now["adapters"], now["active"]) == (before["adapters"], before["active"])
 
 
 def save_llama(folder, **cfg) -> nn.Module:

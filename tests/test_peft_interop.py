@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import CNN, MLP, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import CNN, MLP, randomize_adapters, run, seeded, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 import lorakit
@@ -20,20 +20,8 @@ IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 IMG = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def run(model, x=IDS):
-    with torch.no_grad():
-        out = model(x)
-    for attr in ("logits", "last_hidden_state"):
-        if hasattr(out, attr):
-            return getattr(out, attr)
-    return out
 
 
-def seeded(cls):
-    def build():
-        torch.manual_seed(0)
-        return cls()
-    return build
 
 
 def peft_lora_keys(peft_model, name="default") -> dict:
