@@ -31,14 +31,16 @@ SIZES = {
 }
 
 
-def build_llama(size: str, device: str, dtype: torch.dtype, seed: int = 0, layers: Optional[int] = None):
-    """A LlamaForCausalLM of shape ``SIZES[size]`` with random weights, built on ``device`` in ``dtype``."""
+def build_llama(size, device: str, dtype: torch.dtype, seed: int = 0, layers: Optional[int] = None,
+                use_cache: bool = False):
+    """A LlamaForCausalLM of shape ``size`` (a SIZES name, or a dict with the same keys; "tie"
+    defaults to False) with random weights, built on ``device`` in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    s = SIZES[size]
+    s = SIZES[size] if isinstance(size, str) else size
     cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
                       num_hidden_layers=layers or s["layers"], num_attention_heads=s["heads"],
-                      num_key_value_heads=s["kv"], max_position_embeddings=4096, tie_word_embeddings=s["tie"],
-                      attn_implementation="sdpa", use_cache=False)
+                      num_key_value_heads=s["kv"], max_position_embeddings=4096, tie_word_embeddings=s.get("tie", False),
+                      attn_implementation="sdpa", use_cache=use_cache)
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -51,20 +51,9 @@ SIZES = {
 
 
 def build(size: dict, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["inter"],
-                      num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                      num_key_value_heads=size["kv"], max_position_embeddings=4096, tie_word_embeddings=False,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
+    """The benchmark's Llama (random weights, untied head, KV cache on for decoding), in eval mode."""
+    from common import build_llama      # bench/common.py (this script's folder is on sys.path)
+    return build_llama(size, device, dtype, seed=0, use_cache=True).eval()
 
 
 def sync(device):

@@ -79,25 +79,20 @@ def read_prompts(prompts: list[str], path: str | None) -> list:
     out: list = list(prompts)
     if path:
         p = Path(path)
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise LoraError(f"{p}: cannot read the prompts file: {e}") from None
         if p.suffix == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LoraError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            from ..train.data import read_jsonl       # errors name the file and line
+            for n, rec in read_jsonl(p):
+                if isinstance(rec.get("prompt"), str):
                     out.append(rec["prompt"])
-                elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                elif isinstance(rec.get("messages"), list):
                     out.append(rec["messages"])
                 else:
                     raise LoraError(f"{p}:{n}: expected an object with 'prompt' (string) or 'messages' (list)")
         else:
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise LoraError(f"{p}: cannot read the prompts file: {e}") from None
             out += [line for line in lines if line.strip()]
     if not out:
         raise LoraError("no prompt given: use --prompt TEXT or --prompts-file FILE")
