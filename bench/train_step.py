@@ -171,8 +171,8 @@ def profile_step(p: dict, args) -> str:
     with profile(activities=acts) as prof:
         p["step"]()
         common.sync(args.device)
-    key = "device_time_total" if args.device.startswith("cuda") else "cpu_time_total"
-    return f"== {p['v']['name']}\n" + prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60)
+    key = "self_device_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    return f"== {p['v']['name']}\n" + prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=60)
 
 
 def run_sequential(v: dict, args, dtype) -> dict:

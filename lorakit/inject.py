@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
+from . import fused
 from .config import LoraConfig
 from .errors import AdapterExists, ConfigError, LoraError, MergedStateError, TargetNotFound, UnsupportedModule, preview
 from .layers import LoraLayer, LoraLinear, LoraState, SavedModule, supported_base, unsupported_reason
@@ -274,6 +275,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str
         for p, flag in zip(base_params, grads):
             p.requires_grad_(flag)
         raise
+    fused.attach(model)     # gated MLPs whose three projections now carry LoRA run as one node
 
 
 def _rollback(model: nn.Module, name: str, before: dict, state: LoraState, active_before, had_state) -> None:
@@ -343,6 +345,7 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
 def unwrap_all(model: nn.Module, keep=None) -> nn.Module:
     """Replace every LoRA layer by its base module and every saved wrapper by ``keep(wrapper)``
     (default: the original). Removes the model's lorakit state."""
+    fused.detach(model)
     for path, m in list(walk(model)):
         if isinstance(m, LoraLayer):
             parent, leaf = get_submodule_parent(model, path)

@@ -1,0 +1,311 @@
+"""Fused LoRA blocks: a gated (SwiGLU) MLP whose three projections carry LoRA, as one
+autograd node.
+
+The MLP of Llama-family models (Llama, Mistral, Qwen2/3, OLMo, SmolLM, ...) is
+
+    y = down( silu(gate(x)) * up(x) )          x (N, H); gate, up: H -> I; down: I -> H
+
+With LoRA on all three, eager PyTorch runs it as three LoRA linears plus two elementwise
+ops, and autograd keeps four (N, I) tensors for backward (silu's input and output, up's
+output, down's input). A frozen model (the "bound") keeps three. The fused node keeps two
+(g and u, side by side in one (N, 2I) buffer) plus x, and recomputes h in backward:
+
+    forward                                            backward (dY: (N, H))
+    W'gu = [Wg + sg Bg Ag ; Wu + su Bu Au]  (2I, H)    dh   = dY W'd                      (N, I)
+    gu   = x W'gu^T = [g | u]               (N, 2I)    [dg | du], h = swiglu_bwd(dh, g, u)  one pass
+    h    = silu(g) * u                      (N, I)     dx   = [dg | du] W'gu                (N, H)
+    W'd  = Wd + sd Bd Ad                    (H, I)     dAd  = (sd dY Bd)^T h,  dBd = sd dY^T (h Ad^T)
+    y    = h W'd^T                          (N, H)     dAg|dAu = ([dg|du] blockdiag(sg Bg, su Bu))^T x
+                                                       dBg|dBu = diagonal blocks of (x [sg Ag; su Au]^T)^T [dg|du]
+
+Every form is exact (W' is the merged weight of the ``merged`` form in lorakit.ops, rebuilt
+in backward rather than kept). Against the unfused path this saves per layer: two (N, I)
+activations of memory (below the frozen bound's), the silu and mul passes (one Triton
+kernel each way on the GPU), one x read per direction (gate and up share it), and the
+separate gradient sum for x (one GEMM with K = 2I).
+
+``attach(model)`` switches it on for every MLP whose class's ``forward`` is exactly
+``self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))`` (checked on the
+source, so unknown classes are never guessed at) with ``act_fn`` a SiLU. ``inject`` calls
+it; ``detach(model)`` turns it off. Per call the fused node runs only when it applies:
+gradients enabled, one active adapter present in all three projections with dropout 0,
+no per-row batch, no merge, no hooks, no autocast, not under torch.compile (the compiler
+fuses on its own), and enough tokens that merged weights are cheaper
+(``ops.merged_is_cheaper``). Otherwise the class's own forward runs, unchanged.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .layers import LoraLinear
+
+_FORWARD_OK: dict[type, bool] = {}
+_KERNELS = []   # [module or None], filled on first use
+
+
+# ---------------------------------------------------------------------------- the activation
+def swiglu_forward_reference(gu: Tensor) -> Tensor:
+    """h = silu(g) * u for gu = [g | u] (N, 2I); returns (N, I), computed in float32."""
+    i = gu.shape[1] // 2
+    g, u = gu[:, :i].float(), gu[:, i:].float()
+    return (g * torch.sigmoid(g) * u).to(gu.dtype)
+
+
+def swiglu_backward_reference(dh: Tensor, gu: Tensor) -> Tensor:
+    """[dg | du] (N, 2I) from dh (N, I) and gu; overwrites dh with h (as the Triton kernel does).
+
+    du = dh g s;  dg = dh u s (1 + g (1 - s)),  s = sigmoid(g).
+    """
+    i = gu.shape[1] // 2
+    g, u, d = gu[:, :i].float(), gu[:, i:].float(), dh.float()
+    s = torch.sigmoid(g)
+    silu = g * s
+    dgu = torch.empty_like(gu)
+    dgu[:, :i] = d * u * s * (1 + g * (1 - s))
+    dgu[:, i:] = d * silu
+    dh.copy_(silu * u)
+    return dgu
+
+
+def _kernels():
+    if not _KERNELS:
+        try:
+            from .kernels import swiglu
+        except ImportError:          # no Triton (CPU-only installs)
+            swiglu = None
+        _KERNELS.append(swiglu)
+    return _KERNELS[0]
+
+
+def _swiglu_forward(gu: Tensor) -> Tensor:
+    k = _kernels() if gu.is_cuda else None
+    return k.swiglu_forward(gu) if k is not None else swiglu_forward_reference(gu)
+
+
+def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
+    k = _kernels() if gu.is_cuda else None
+    return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
+
+
+# ---------------------------------------------------------------------------- the node
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
+                    sg: float, su: float) -> Tensor:
+    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), each half one GEMM with W0 as accumulator."""
+    i, h = wg.shape
+    w = torch.empty((2 * i, h), dtype=wg.dtype, device=wg.device)
+    torch.addmm(wg, bg, ag, alpha=sg, out=w[:i])
+    torch.addmm(wu, bu, au, alpha=su, out=w[i:])
+    return w
+
+
+class _GatedMlpFn(torch.autograd.Function):
+    """y = (silu(x W'g^T) * (x W'u^T)) W'd^T with frozen W0s; see the module docstring.
+
+    Inputs: x (..., H); wg, wu (I, H); wd (H, I); ag (rg, H), bg (I, rg); au (ru, H),
+    bu (I, ru); ad (rd, I), bd (H, rd); scales sg, su, sd. Adapter weights may be float32
+    on a lower-precision base: they are cast to x's dtype for the GEMMs and their
+    gradients returned in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
+        dt = x.dtype
+        i, hid = wg.shape
+        agc, bgc, auc, buc, adc, bdc = (_cast(t, dt) for t in (ag, bg, au, bu, ad, bd))
+        x2 = x.reshape(-1, hid)                                             # (N, H)
+        gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su).t())   # (N, 2I) = [g | u]
+        h = _swiglu_forward(gu)                                             # (N, I)
+        y = torch.mm(h, torch.addmm(wd, bdc, adc, alpha=sd).t())            # (N, H)
+        need = ctx.needs_input_grad
+        # For dB only: x [sg Ag; su Au]^T (N, rg + ru) and sd h Ad^T (N, rd): scales folded into A.
+        xas = torch.mm(x2, torch.cat([agc * sg, auc * su]).t()) if need[5] or need[7] else None
+        has = torch.mm(h, (adc * sd).t()) if need[9] else None
+        ctx.scales = (sg, su, sd)
+        ctx.dtypes = tuple(t.dtype for t in (ag, bg, au, bu, ad, bd))
+        ctx.save_for_backward(x2 if need[4] or need[6] else None, gu, xas, has, wg, wu, wd,
+                              agc, bgc, auc, buc, adc, bdc)
+        ctx.x_shape = x.shape
+        return y.view(x.shape[:-1] + (hid,))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, gu, xas, has, wg, wu, wd, agc, bgc, auc, buc, adc, bdc = ctx.saved_tensors
+        sg, su, sd = ctx.scales
+        need_x, _, _, _, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = ctx.needs_input_grad[:10]
+        i, hid = wg.shape
+        rg = agc.shape[0]
+        dy2 = dy.reshape(-1, hid)                                           # (N, H)
+        dh = torch.mm(dy2, torch.addmm(wd, bdc, adc, alpha=sd))             # dY W'd  (N, I)
+        gsd = torch.mm(dy2, bdc * sd) if need_ad else None                  # sd dY Bd  (N, rd)
+        dBd = torch.mm(has.t(), dy2).t() if need_bd else None               # sd (h Ad^T)^T dY -> (H, rd)
+        dgu = _swiglu_backward(dh, gu)                                      # [dg | du] (N, 2I); dh := h
+        dAd = torch.mm(gsd.t(), dh) if need_ad else None                    # (rd, I)
+        del dh
+        dx = None
+        if need_x:
+            dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)).view(ctx.x_shape)
+        dAg = dAu = dBg = dBu = None
+        if need_ag or need_au:
+            gs = torch.mm(dgu, torch.block_diag(bgc * sg, buc * su))        # [sg dg Bg | su du Bu] (N, rg+ru)
+            dA = torch.mm(gs.t(), x2)                                        # (rg + ru, H)
+            dAg, dAu = dA[:rg], dA[rg:]
+        if need_bg or need_bu:
+            p = torch.mm(xas.t(), dgu)                                      # (rg + ru, 2I); diagonal blocks used
+            dBg, dBu = p[:rg, :i].t(), p[rg:, i:].t()
+        grads = [dAg, dBg, dAu, dBu, dAd, dBd]
+        grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
+        return (dx, None, None, None, *grads, None, None, None)
+
+
+def lora_gated_mlp(x: Tensor, gate: LoraLinear, up: LoraLinear, down: LoraLinear, name: str) -> Tensor:
+    """The fused node for adapter ``name`` of three LoRA linears (no checks: see ``fusable``)."""
+    a = [layer.adapters[name] for layer in (gate, up, down)]
+    return _GatedMlpFn.apply(x, gate.base.weight, up.base.weight, down.base.weight,
+                             a[0].lora_A, a[0].lora_B, a[1].lora_A, a[1].lora_B, a[2].lora_A, a[2].lora_B,
+                             a[0].scale, a[1].scale, a[2].scale)
+
+
+# ---------------------------------------------------------------------------- when it applies
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
+                or mod._global_backward_pre_hooks)
+
+
+def is_silu(act: nn.Module) -> bool:
+    """torch's nn.SiLU or transformers' SiLUActivation (``nn.functional.silu``)."""
+    cls = type(act)
+    return isinstance(act, nn.SiLU) or (cls.__name__ == "SiLUActivation"
+                                         and cls.__module__ == "transformers.activations")
+
+
+def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
+    """The adapter name the fused node would run for this call, or None (the class forward runs)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or _global_hooks():
+        return None
+    g, u, d = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
+    layers = (g, u, d)
+    if not all(type(m) is LoraLinear for m in layers) or not is_silu(mlp.act_fn):
+        return None
+    st = g.state
+    name = st.active
+    if st.disabled or st.rows is not None or name is None or u.state is not st or d.state is not st:
+        return None
+    if _hooked(mlp) or _hooked(mlp.act_fn):
+        return None
+    for m in layers:
+        w = m.base.weight
+        if (m.fan_in_fan_out or m.merged_name is not None or name not in m.adapters or m.base.bias is not None
+                or type(m.base) is not nn.Linear or w.requires_grad or w.dtype != x.dtype
+                or _hooked(m) or _hooked(m.base)):
+            return None
+        if m.adapters[name].dropout > 0 and m.training:
+            return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    i, hid = g.base.weight.shape
+    if x.shape[-1] != hid or d.base.weight.shape != (hid, i) or u.base.weight.shape != (i, hid):
+        return None
+    ads = [m.adapters[name] for m in layers]
+    if not (x.requires_grad or any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in ads)):
+        return None
+    return name if ops.merged_is_cheaper(x.numel() // hid, i, hid, True) else None
+
+
+def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
+    name = fusable(self, x)
+    if name is None:
+        return type(self).forward(self, x)
+    return lora_gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, name)
+
+
+# ---------------------------------------------------------------------------- attach / detach
+def is_gated_mlp_forward(fn) -> bool:
+    """Whether ``fn``'s source is exactly ``return self.down_proj(self.act_fn(self.gate_proj(x))
+    * self.up_proj(x))`` (a docstring, or one named intermediate before the return, allowed)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    args = tree.args if isinstance(tree, ast.FunctionDef) else None
+    if args is None or len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs:
+        return False
+    x = args.args[1].arg
+    want = ast.dump(ast.parse(f"self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))",
+                              mode="eval").body)
+    body = [s for s in tree.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+        return ast.dump(body[0].value) == want
+    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+            and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        return ast.dump(body[0].value) == want
+    return False
+
+
+def _gated_class(cls: type) -> bool:
+    ok = _FORWARD_OK.get(cls)
+    if ok is None:
+        ok = _FORWARD_OK[cls] = is_gated_mlp_forward(cls.forward)
+    return ok
+
+
+class _FusedForward:
+    """The instance-level ``forward`` of a routed MLP (a plain object, so the model still
+    pickles and deep-copies: the copy's forward points at the copy)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        self.mlp = mlp
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _gated_forward(self.mlp, x)
+
+
+def _is_ours(m: nn.Module) -> bool:
+    return isinstance(m.__dict__.get("forward"), _FusedForward)
+
+
+def attach(model: nn.Module) -> int:
+    """Route every gated MLP of ``model`` whose three projections are LoRA layers through the
+    fused node (when it applies, per call). Idempotent; returns how many MLPs are routed."""
+    n = 0
+    for m in model.modules():
+        if _is_ours(m):
+            n += 1
+        elif ("forward" not in m.__dict__ and all(type(getattr(m, p, None)) is LoraLinear
+                                                  for p in ("gate_proj", "up_proj", "down_proj"))
+              and _gated_class(type(m))):
+            m.__dict__["forward"] = _FusedForward(m)
+            n += 1
+    return n
+
+
+def detach(model: nn.Module) -> int:
+    """Undo ``attach``: every MLP runs its class's forward again. Returns how many were routed."""
+    n = 0
+    for m in model.modules():
+        if _is_ours(m):
+            del m.__dict__["forward"]
+            n += 1
+    return n
+
+
+def attached(model: nn.Module) -> int:
+    """How many MLPs of ``model`` are routed through the fused node."""
+    return sum(_is_ours(m) for m in model.modules())

@@ -1,0 +1,286 @@
+"""The fused gated-MLP node (lorakit.fused): same function and gradients as the unfused
+LoRA layers (float32: relative error < 1e-5), used only where it applies, removable,
+and invisible to copying, pickling and torch.compile. GPU tests (Triton kernels, bfloat16:
+< 1e-2) are marked ``gpu``."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import fused
+from conftest import randomize_adapters, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))   # 64 tokens: fused applies
+
+
+def lora_llama(targets=ALL7, **cfg):
+    model = tiny_llama().train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets, **cfg))
+    randomize_adapters(model, std=0.2)
+    return model
+
+
+class Count:
+    """Counts calls of the fused node."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        orig = fused._GatedMlpFn.apply
+
+        def apply(*args):
+            self.n += 1
+            return orig(*args)
+        monkeypatch.setattr(fused._GatedMlpFn, "apply", apply)
+
+
+def loss_and_grads(model, ids=IDS):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(a, b, rel):
+    la, ga = a
+    lb, gb = b
+    assert abs(la.item() - lb.item()) <= rel * abs(lb.item())
+    assert sorted(ga) == sorted(gb)
+    for n in gb:
+        err = (ga[n].float() - gb[n].float()).norm() / gb[n].float().norm()
+        assert err < rel, (n, err.item())
+
+
+def fused_vs_unfused(model, ids=IDS):
+    got = loss_and_grads(model, ids)
+    fused.detach(model)
+    want = loss_and_grads(model, ids)
+    fused.attach(model)
+    return got, want
+
+
+# ---------------------------------------------------------------------------- which classes
+def test_source_check_accepts_the_llama_family_and_nothing_else():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+    for cls in (LlamaMLP, MistralMLP, Qwen2MLP):
+        assert fused.is_gated_mlp_forward(cls.forward), cls
+
+    class Intermediate(nn.Module):
+        def forward(self, x):
+            """A docstring is allowed."""
+            out = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return out
+
+    class Added(nn.Module):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    class Swapped(nn.Module):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    class Extra(nn.Module):
+        def forward(self, x, scale=1.0):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    assert fused.is_gated_mlp_forward(Intermediate.forward)
+    for cls in (Added, Swapped, Extra, GPT2MLP):
+        assert not fused.is_gated_mlp_forward(cls.forward), cls
+    assert not fused.is_gated_mlp_forward(len)
+
+
+def test_attach_needs_all_three_projections_and_unload_detaches():
+    model = lora_llama()
+    assert fused.attached(model) == 2
+    assert fused.attach(model) == 2                      # idempotent
+    partial = lora_llama(targets=["gate_proj", "up_proj", "q_proj"])
+    assert fused.attached(partial) == 0
+    lorakit.unload(model)
+    assert fused.attached(model) == 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ---------------------------------------------------------------------------- same function
+@pytest.mark.parametrize("cfg", [{}, {"rank_pattern": {"down_proj": 6, "up_proj": 2}, "alpha_pattern": {"gate_proj": 3}},
+                                 {"adapter_dtype": "float32"}])
+def test_fused_matches_unfused_float32(monkeypatch, cfg):
+    model = lora_llama(**cfg)
+    count = Count(monkeypatch)
+    got, want = fused_vs_unfused(model)
+    assert count.n == 2                                   # both layers fused, then none
+    assert_close(got, want, 1e-5)
+
+
+def test_frozen_adapters_still_pass_input_gradients(monkeypatch):
+    model = lora_llama(targets=["gate_proj", "up_proj", "down_proj"])
+    emb = model.model.embed_tokens.weight
+    emb.requires_grad_(True)                              # x needs a gradient; the adapters do not
+    lorakit.set_trainable(model, "default", False)
+    count = Count(monkeypatch)
+    got, want = fused_vs_unfused(model)
+    assert count.n == 2 and list(got[1]) == ["model.embed_tokens.weight"]
+    assert_close(got, want, 1e-5)
+
+
+def test_only_lora_b_trains(monkeypatch):
+    model = lora_llama()
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    count = Count(monkeypatch)
+    got, want = fused_vs_unfused(model)
+    assert count.n == 2 and all("lora_B" in n for n in got[1])
+    assert_close(got, want, 1e-5)
+
+
+def rel_errors(got, want):
+    """Relative error of the loss and of every gradient of ``got`` against ``want``."""
+    errs = {"loss": abs(got[0].item() - want[0].item()) / abs(want[0].item())}
+    for n, g in want[1].items():
+        errs[n] = ((got[1][n].float() - g.float()).norm() / g.float().norm()).item()
+    return errs
+
+
+def check_bfloat16(monkeypatch, device):
+    """bfloat16, fused and unfused, each against the float32 model: the fused node is no less
+    accurate than the unfused layers (it rounds h once instead of twice)."""
+    ref = lora_llama().to(device)
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    ids = IDS.to(device)
+    want = loss_and_grads(ref, ids)
+    count = Count(monkeypatch)
+    got_fused, got_plain = fused_vs_unfused(low, ids)
+    assert count.n == 2
+    e_fused, e_plain = rel_errors(got_fused, want), rel_errors(got_plain, want)
+    for n in e_plain:
+        assert e_fused[n] <= max(1.5 * e_plain[n], 1e-2), (n, e_fused[n], e_plain[n])
+
+
+def test_bfloat16_on_cpu(monkeypatch):
+    check_bfloat16(monkeypatch, "cpu")
+
+
+def test_swiglu_reference_gradients_match_autograd():
+    gu = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    dh = torch.randn(5, 6, dtype=torch.float64)
+    h = torch.nn.functional.silu(gu[:, :6]) * gu[:, 6:]
+    h.backward(dh)
+    assert torch.allclose(fused.swiglu_forward_reference(gu.detach()), h.detach())
+    buf = dh.clone()
+    dgu = fused.swiglu_backward_reference(buf, gu.detach())
+    assert torch.allclose(dgu, gu.grad) and torch.allclose(buf, h.detach())
+
+
+# ---------------------------------------------------------------------------- when it does not apply
+def _fallback_cases():
+    yield "no_grad", lambda m: torch.no_grad()
+    yield "disabled", lambda m: lorakit.disable_adapters(m)
+    yield "rows", lambda m: lorakit.batch_adapters(m, ["default", None, "default", None])
+
+
+@pytest.mark.parametrize("case", [c for c, _ in _fallback_cases()])
+def test_falls_back_where_it_does_not_apply(monkeypatch, case):
+    model = lora_llama()
+    ctx = dict(_fallback_cases())[case](model)
+    count = Count(monkeypatch)
+    with ctx:
+        got = model(IDS).logits
+    fused.detach(model)
+    with dict(_fallback_cases())[case](model):
+        want = model(IDS).logits
+    assert count.n == 0 and torch.equal(got, want)
+
+
+def test_falls_back_for_dropout_hooks_merge_and_short_inputs(monkeypatch):
+    count = Count(monkeypatch)
+    model = lora_llama(dropout=0.1)
+    loss_and_grads(model)
+    model.eval()                                          # dropout off in eval: fused again
+    loss_and_grads(model)
+    assert count.n == 2
+    model = lora_llama()
+    seen = []
+    h = model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda *a: seen.append(1))
+    loss_and_grads(model)
+    assert seen == [1] and count.n == 3                   # layer 0 ran unfused, its hook fired
+    h.remove()
+    loss_and_grads(model, IDS[:1, :8])                    # 8 tokens: merged weights not cheaper
+    assert count.n == 3
+    lorakit.merge(model)
+    with torch.enable_grad():
+        model(IDS)
+    assert count.n == 3
+
+
+# ---------------------------------------------------------------------------- copying, pickling, compile
+def test_deepcopy_and_pickle_keep_the_routing(monkeypatch):
+    model = lora_llama()
+    dup = copy.deepcopy(model)
+    assert fused.attached(dup) == 2
+    assert all(m.__dict__["forward"].mlp is m for m in dup.modules() if fused._is_ours(m))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    count = Count(monkeypatch)
+    got, want = loss_and_grads(back), loss_and_grads(model)
+    assert count.n == 4
+    assert_close(got, want, 1e-6)
+
+
+def test_compile_fullgraph_runs_the_class_forward():
+    model = lora_llama()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 32, 32, requires_grad=True)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    got.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    want = mlp(x)
+    want.sum().backward()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and torch.allclose(gx, x.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("n,i", [(1, 8), (7, 1000), (300, 1536), (64, 8192)])
+def test_gpu_swiglu_kernels_match_reference(n, i):
+    from lorakit.kernels import swiglu
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gu = torch.randn(n, 2 * i, device="cuda", generator=gen, dtype=torch.bfloat16) * 3
+    dh = torch.randn(n, i, device="cuda", generator=gen, dtype=torch.bfloat16)
+    ref = fused.swiglu_forward_reference(gu)
+    assert (swiglu.swiglu_forward(gu).float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+    a, b = dh.clone(), dh.clone()
+    got, want = swiglu.swiglu_backward(a, gu), fused.swiglu_backward_reference(b, gu)
+    assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
+    assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fused_matches_unfused_float32(monkeypatch):
+    model = lora_llama().cuda()
+    count = Count(monkeypatch)
+    got, want = fused_vs_unfused(model, IDS.cuda())
+    assert count.n == 2
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fused_bfloat16(monkeypatch):
+    check_bfloat16(monkeypatch, "cuda")
