@@ -14,6 +14,7 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     peft-bf16        PEFT LoRA with adapters in the base dtype (autocast_adapter_dtype=False)
     lorakit          lorakit.inject, adapters in the base dtype (the default)
     lorakit-fp32     lorakit with adapter_dtype="float32"
+    lorakit-unfused  lorakit with the gated MLPs unfused (lorakit.fused.detach): three LoRA linears each
     lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
                      the 16 identical layers share one compiled graph)
@@ -65,7 +66,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, compile_fn=fn,
-                bf16=base == "peft-bf16", fp32=base == "lorakit-fp32")
+                bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
 def standard_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,6 +97,9 @@ def setup(v: dict, model, lr: float = 1e-4):
     cfg = lorakit.LoraConfig(r=v["r"], alpha=2 * v["r"], target_modules=common.TARGETS7,
                              adapter_dtype="float32" if v["fp32"] else "auto")
     lorakit.inject(model, cfg)
+    if v["unfused"]:
+        from lorakit import fused
+        fused.detach(model)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 

@@ -102,11 +102,11 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
                     sg: float, su: float) -> Tensor:
-    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), each half one GEMM with W0 as accumulator."""
+    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), each half written in place (ops.merged_weight)."""
     i, h = wg.shape
     w = torch.empty((2 * i, h), dtype=wg.dtype, device=wg.device)
-    torch.addmm(wg, bg, ag, alpha=sg, out=w[:i])
-    torch.addmm(wu, bu, au, alpha=su, out=w[i:])
+    ops.merged_weight(wg, bg, ag, sg, out=w[:i])
+    ops.merged_weight(wu, bu, au, su, out=w[i:])
     return w
 
 
@@ -127,7 +127,7 @@ class _GatedMlpFn(torch.autograd.Function):
         x2 = x.reshape(-1, hid)                                             # (N, H)
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su).t())   # (N, 2I) = [g | u]
         h = _swiglu_forward(gu)                                             # (N, I)
-        y = torch.mm(h, torch.addmm(wd, bdc, adc, alpha=sd).t())            # (N, H)
+        y = torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t())            # (N, H)
         need = ctx.needs_input_grad
         # For dB only: x [sg Ag; su Au]^T (N, rg + ru) and sd h Ad^T (N, rd): scales folded into A.
         xas = torch.mm(x2, torch.cat([agc * sg, auc * su]).t()) if need[5] or need[7] else None
@@ -147,7 +147,7 @@ class _GatedMlpFn(torch.autograd.Function):
         i, hid = wg.shape
         rg = agc.shape[0]
         dy2 = dy.reshape(-1, hid)                                           # (N, H)
-        dh = torch.mm(dy2, torch.addmm(wd, bdc, adc, alpha=sd))             # dY W'd  (N, I)
+        dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))             # dY W'd  (N, I)
         gsd = torch.mm(dy2, bdc * sd) if need_ad else None                  # sd dY Bd  (N, rd)
         dBd = torch.mm(has.t(), dy2).t() if need_bd else None               # sd (h Ad^T)^T dY -> (H, rd)
         dgu = _swiglu_backward(dh, gu)                                      # [dg | du] (N, 2I); dh := h

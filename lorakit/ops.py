@@ -112,9 +112,33 @@ def merged_is_cheaper(n: int, d: int, k: int, training: bool) -> bool:
     return n * (k + 2 * d) > 2 * d * k
 
 
-def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """W' = W0 + s B A: (d, k) + s (d, r) (r, k), one GEMM with W0 as its accumulator (float32 inside)."""
-    return torch.addmm(weight, B, A, alpha=scale)
+_MERGE_KERNEL: list = []      # [lorakit.kernels.merge or None], filled on first use
+
+
+def _merge_kernel():
+    if not _MERGE_KERNEL:
+        try:
+            from .kernels import merge
+        except ImportError:      # no Triton (CPU-only installs)
+            merge = None
+        _MERGE_KERNEL.append(merge)
+    return _MERGE_KERNEL[0]
+
+
+def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optional[Tensor] = None) -> Tensor:
+    """W' = W0 + s B A: (d, k) + s (d, r) (r, k), rounded once to W0's dtype.
+
+    On the GPU one Triton pass (``lorakit.kernels.merge``: reads W0 once, writes W' once);
+    elsewhere, and while torch.compile traces, one GEMM with W0 as its accumulator
+    (``torch.addmm``, which first copies W0 into its output). ``out``: where to write W'.
+    """
+    if weight.is_cuda and not torch.compiler.is_compiling():
+        k = _merge_kernel()
+        if k is not None and k.supported(weight, B, A):
+            return k.merged_weight(weight, B, A, scale, torch.empty_like(weight) if out is None else out)
+    if out is None:
+        return torch.addmm(weight, B, A, alpha=scale)
+    return torch.addmm(weight, B, A, alpha=scale, out=out)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -142,7 +166,7 @@ class _LoraLinearFn(torch.autograd.Function):
                 B: Tensor, scale: float, merged: bool) -> Tensor:
         Ac, Bc = _cast(A, x.dtype), _cast(B, x.dtype)               # no-ops when the dtypes agree
         if xd is None and merged:
-            out = F.linear(x, torch.addmm(weight, Bc, Ac, alpha=scale), bias)  # x W'^T + b   (..., d)
+            out = F.linear(x, merged_weight(weight, Bc, Ac, scale), bias)  # x W'^T + b   (..., d)
             xa = F.linear(x, Ac) if ctx.needs_input_grad[5] else None       # (..., r), for dB only
         else:
             merged = False
@@ -173,7 +197,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dx = dxd = dA = dB = None
         if need_x:
             if ctx.merged:
-                dx = dy.matmul(torch.addmm(weight, Bc, Ac, alpha=s))        # dY W' = dY W0 + s (dY B) A
+                dx = dy.matmul(merged_weight(weight, Bc, Ac, s))        # dY W' = dY W0 + s (dY B) A
             else:
                 dx = dy.matmul(weight)                                      # dY W0
                 if ctx.same:
@@ -197,7 +221,7 @@ def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: O
     if B.dtype != dt:
         B = B.to(dt)
     if merged and xd is None:
-        return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
+        return F.linear(x, merged_weight(weight, B, A, scale), bias)
     out = F.linear(x, weight, bias)                                         # (..., d)
     xa = F.linear(x if xd is None else xd, A)                               # (..., r)
     if out.dim() == 2:

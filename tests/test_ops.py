@@ -322,6 +322,25 @@ def test_gpu_no_grad_decode_and_prefill():
         assert rel(y, ops.lora_linear_reference(x.float(), w.float(), b.float(), A.float(), B.float(), 2.0)) < 1e-2
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,k,r", [(2048, 2048, 16), (512, 2048, 16), (8192, 2048, 64), (2048, 8192, 1),
+                                   (333, 136, 8), (100, 300, 128), (64, 64, 200)])
+def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(d, k, device="cuda", generator=g).to(dtype)
+    B = (torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype)
+    A = torch.randn(r, k, device="cuda", generator=g).to(dtype)
+    want = torch.addmm(w.double(), B.double(), A.double(), alpha=0.75)
+    got = ops.merged_weight(w, B, A, 0.75)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3           # one rounding to bfloat16: 2^-8 relative
+    assert got.dtype == dtype and ((got.double() - want).abs() <= tol * want.abs() + 1e-6).all()
+    buf = torch.zeros(2 * d, k, device="cuda", dtype=dtype)  # writing into a half of a larger buffer
+    ops.merged_weight(w, B, A, 0.75, out=buf[d:])
+    assert torch.equal(buf[d:], got) and not buf[:d].any()
+
+
 def test_embedding_fast_matches_reference():
     ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     w = torch.randn(20, 6)
