@@ -16,7 +16,7 @@ output, down's input). A frozen model (the "bound") keeps three. The fused node 
     h    = silu(g) * u                      (N, I)     dx   = [dg | du] W'gu                (N, H)
     W'd  = Wd + sd Bd Ad                    (H, I)     dAd  = (sd dY Bd)^T h,  dBd = sd dY^T (h Ad^T)
     y    = h W'd^T                          (N, H)     dAg|dAu = ([dg|du] blockdiag(sg Bg, su Bu))^T x
-                                                       dBg|dBu = diagonal blocks of (x [sg Ag; su Au]^T)^T [dg|du]
+                                                       dBg = dg^T x sg Ag^T,  dBu = du^T x su Au^T
 
 Every form is exact (W' is the merged weight of the ``merged`` form in lorakit.ops, rebuilt
 in backward rather than kept). Against the unfused path this saves per layer: two (N, I)
@@ -24,7 +24,8 @@ activations of memory (below the frozen bound's), the silu and mul passes (one T
 kernel each way on the GPU), one x read per direction (gate and up share it), and the
 separate gradient sum for x (one GEMM with K = 2I).
 
-``attach(model)`` switches it on for every MLP whose class's ``forward`` is exactly
+``attach(model)`` switches it on (by giving the module a subclass of its own class, same
+name, whose forward routes) for every MLP whose class's ``forward`` is exactly
 ``self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))`` (checked on the
 source, so unknown classes are never guessed at) with ``act_fn`` a SiLU. ``inject`` calls
 it; ``detach(model)`` turns it off. Per call the fused node runs only when it applies:
@@ -48,6 +49,7 @@ from . import ops
 from .layers import LoraLinear
 
 _FORWARD_OK: dict[type, bool] = {}
+_FUSED_CLASSES: dict[type, type] = {}
 _KERNELS = []   # [module or None], filled on first use
 
 
@@ -149,7 +151,7 @@ class _GatedMlpFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, hid)                                           # (N, H)
         dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))             # dY W'd  (N, I)
         gsd = torch.mm(dy2, bdc * sd) if need_ad else None                  # sd dY Bd  (N, rd)
-        dBd = torch.mm(has.t(), dy2).t() if need_bd else None               # sd (h Ad^T)^T dY -> (H, rd)
+        dBd = torch.mm(dy2.t(), has) if need_bd else None                   # sd dY^T (h Ad^T): (H, rd)
         dgu = _swiglu_backward(dh, gu)                                      # [dg | du] (N, 2I); dh := h
         dAd = torch.mm(gsd.t(), dh) if need_ad else None                    # (rd, I)
         del dh
@@ -161,9 +163,9 @@ class _GatedMlpFn(torch.autograd.Function):
             gs = torch.mm(dgu, torch.block_diag(bgc * sg, buc * su))        # [sg dg Bg | su du Bu] (N, rg+ru)
             dA = torch.mm(gs.t(), x2)                                        # (rg + ru, H)
             dAg, dAu = dA[:rg], dA[rg:]
-        if need_bg or need_bu:
-            p = torch.mm(xas.t(), dgu)                                      # (rg + ru, 2I); diagonal blocks used
-            dBg, dBu = p[:rg, :i].t(), p[rg:, i:].t()
+        if need_bg or need_bu:                                              # contiguous (I, r) results
+            dBg = torch.mm(dgu[:, :i].t(), xas[:, :rg])                     # sg dg^T (x Ag^T)
+            dBu = torch.mm(dgu[:, i:].t(), xas[:, rg:])                     # su du^T (x Au^T)
         grads = [dAg, dBg, dAu, dBu, dAd, dBd]
         grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
         return (dx, None, None, None, *grads, None, None, None)
@@ -229,9 +231,10 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
 
 
 def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """The forward of a routed MLP: the fused node when it applies, else the class's own."""
     name = fusable(self, x)
     if name is None:
-        return type(self).forward(self, x)
+        return type(self)._lorakit_base.forward(self, x)
     return lora_gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, name)
 
 
@@ -266,19 +269,30 @@ def _gated_class(cls: type) -> bool:
     return ok
 
 
-class _FusedForward:
-    """The instance-level ``forward`` of a routed MLP (a plain object, so the model still
-    pickles and deep-copies: the copy's forward points at the copy)."""
+def _rebuild(base: type) -> nn.Module:
+    return object.__new__(_fused_class(base))
 
-    def __init__(self, mlp: nn.Module) -> None:
-        self.mlp = mlp
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return _gated_forward(self.mlp, x)
+def _reduce_ex(self: nn.Module, protocol):
+    """Pickle and deepcopy a routed MLP through its original class (the routed class is made at run time)."""
+    return _rebuild, (type(self)._lorakit_base,), self.__dict__
+
+
+def _fused_class(cls: type) -> type:
+    """A subclass of ``cls`` (same name) whose forward is ``_gated_forward``; one per class.
+
+    Routing swaps an instance's class rather than patching its ``forward``: every routed MLP
+    of a model shares one class, so torch.compile traces them as one graph."""
+    f = _FUSED_CLASSES.get(cls)
+    if f is None:
+        f = _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "forward": _gated_forward, "__reduce_ex__": _reduce_ex, "_lorakit_base": cls,
+            "__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return f
 
 
 def _is_ours(m: nn.Module) -> bool:
-    return isinstance(m.__dict__.get("forward"), _FusedForward)
+    return "_lorakit_base" in type(m).__dict__
 
 
 def attach(model: nn.Module) -> int:
@@ -291,7 +305,7 @@ def attach(model: nn.Module) -> int:
         elif ("forward" not in m.__dict__ and all(type(getattr(m, p, None)) is LoraLinear
                                                   for p in ("gate_proj", "up_proj", "down_proj"))
               and _gated_class(type(m))):
-            m.__dict__["forward"] = _FusedForward(m)
+            m.__class__ = _fused_class(type(m))
             n += 1
     return n
 
@@ -301,7 +315,7 @@ def detach(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         if _is_ours(m):
-            del m.__dict__["forward"]
+            m.__class__ = type(m)._lorakit_base
             n += 1
     return n
 

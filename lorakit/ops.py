@@ -207,8 +207,9 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_a:
             dA = _cast(torch.mm(gs.t(), xd.reshape(-1, k)), ctx.a_dtype)    # s g^T xd, (r, k)
         if need_b:
-            dBt = torch.addmm(Bc.t(), xa2.t(), dy2, beta=0, alpha=s)       # s xa^T dY, (r, d)
-            dB = _cast(dBt.t(), ctx.b_dtype)                                # (d, r)
+            # s dY^T xa, (d, r), made contiguous by the GEMM itself (a transposed result would
+            # be copied by autograd when it accumulates into .grad)
+            dB = _cast(torch.addmm(Bc, dy2.t(), xa2, beta=0, alpha=s), ctx.b_dtype)
         return dx, dxd, None, None, dA, dB, None, None
 
 

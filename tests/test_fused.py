@@ -101,6 +101,7 @@ def test_source_check_accepts_the_llama_family_and_nothing_else():
 
 
 def test_attach_needs_all_three_projections_and_unload_detaches():
+    from transformers.models.llama.modeling_llama import LlamaMLP
     model = lora_llama()
     assert fused.attached(model) == 2
     assert fused.attach(model) == 2                      # idempotent
@@ -108,7 +109,8 @@ def test_attach_needs_all_three_projections_and_unload_detaches():
     assert fused.attached(partial) == 0
     lorakit.unload(model)
     assert fused.attached(model) == 0
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(not fused._is_ours(m) for m in model.modules())
+    assert {type(m) for m in model.modules() if type(m).__name__ == "LlamaMLP"} == {LlamaMLP}
 
 
 # ---------------------------------------------------------------------------- same function
@@ -228,7 +230,9 @@ def test_deepcopy_and_pickle_keep_the_routing(monkeypatch):
     model = lora_llama()
     dup = copy.deepcopy(model)
     assert fused.attached(dup) == 2
-    assert all(m.__dict__["forward"].mlp is m for m in dup.modules() if fused._is_ours(m))
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    mlps = [m for m in dup.modules() if isinstance(m, LlamaMLP)]
+    assert len(mlps) == 2 and all(fused._is_ours(m) and type(m).__name__ == "LlamaMLP" for m in mlps)
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
@@ -284,3 +288,23 @@ def test_gpu_fused_matches_unfused_float32(monkeypatch):
 @cuda
 def test_gpu_fused_bfloat16(monkeypatch):
     check_bfloat16(monkeypatch, "cuda")
+
+
+def test_compiled_layers_share_one_graph():
+    """Regional compilation (one compile per decoder layer, as bench/train_step.py does): two
+    graphs for four layers (layer 0's input needs no gradient), none per layer (no guard on a
+    routed MLP's identity)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = tiny_llama(layers=4).train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=ALL7))
+    randomize_adapters(model, std=0.2)
+    model.config.use_cache = False
+    want = loss_and_grads(model)
+    cnt = CompileCounterWithBackend("aot_eager")
+    for layer in model.model.layers:
+        layer.compile(backend=cnt, fullgraph=True)
+    got = loss_and_grads(model)
+    assert cnt.frame_count == 2
+    assert_close(got, want, 1e-5)
+    torch._dynamo.reset()
