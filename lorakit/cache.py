@@ -42,16 +42,46 @@ def version(t: Tensor):
 class _HostCopy:
     """An adapter's parameters in pinned host memory: one flat buffer per dtype and the views."""
 
-    def __init__(self, params: list[nn.Parameter], pin: bool) -> None:
+    def __init__(self, params: list[nn.Parameter], pin: bool,
+                 adopt: Optional[dict[torch.dtype, tuple[Tensor, list[int]]]] = None) -> None:
+        """Buffers for ``params`` (fresh; or, for a dtype in ``adopt``, the given flat tensor and
+        each parameter's offset in it, in ``params`` order)."""
         self.params = params
         self.flats: dict[torch.dtype, Tensor] = {}
         self.layout: list[tuple[nn.Parameter, torch.dtype, int]] = []
+        adopt = adopt or {}
+        offsets = {dt: iter(offs) for dt, (_, offs) in adopt.items()}
         sizes: dict[torch.dtype, int] = {}
         for p in params:
-            self.layout.append((p, p.dtype, sizes.get(p.dtype, 0)))
+            off = next(offsets[p.dtype]) if p.dtype in offsets else sizes.get(p.dtype, 0)
+            self.layout.append((p, p.dtype, off))
             sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
         for dt, n in sizes.items():
-            self.flats[dt] = torch.empty(n, dtype=dt, pin_memory=pin)
+            self.flats[dt] = adopt[dt][0] if dt in adopt else torch.empty(n, dtype=dt, pin_memory=pin)
+
+    @classmethod
+    @torch.no_grad()
+    def from_values(cls, pairs: list[tuple[nn.Parameter, Optional[Tensor]]], runs: list[Tensor],
+                    pin: bool) -> "_HostCopy":
+        """A host copy holding ``pairs``' values (a parameter's own value where None). A dtype whose
+        values are exactly one of the host tensors ``runs`` (contiguous views of it, each element
+        once: a file read into pinned memory) keeps that tensor as its buffer, with no copy."""
+        params = [p for p, _ in pairs]
+        adopt = {}
+        for dt in {p.dtype for p in params}:
+            srcs = [t for p, t in pairs if p.dtype == dt]
+            found = _covering_run(srcs, runs, dt, pin)
+            if found is not None:
+                adopt[dt] = found
+        copy = cls(params, pin, adopt)
+        dsts, srcs = [], []
+        for (p, view), (_, t) in zip(copy.views(copy.flats), pairs):
+            if p.dtype not in adopt:
+                dsts.append(view)
+                srcs.append(p.detach() if t is None else t)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
+        return copy
 
     def views(self, flats: dict) -> Iterable[tuple[nn.Parameter, Tensor]]:
         for p, dt, off in self.layout:
@@ -71,6 +101,26 @@ class _HostCopy:
             if p.grad is not None:
                 p.grad = p.grad.to(view.device)
             p.data = view
+
+
+def _covering_run(srcs: list[Optional[Tensor]], runs: list[Tensor], dtype: torch.dtype, pin: bool
+                  ) -> Optional[tuple[Tensor, list[int]]]:
+    """(run, offset of each source in it) when the sources are contiguous views of one host run
+    of ``dtype`` (pinned as ``pin`` asks) that cover it exactly, else None."""
+    if any(t is None or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in srcs):
+        return None
+    for run in runs:
+        if run.dtype != dtype or run.numel() != sum(t.numel() for t in srcs) or run.is_pinned() != pin:
+            continue
+        storage = run.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() != storage for t in srcs):
+            continue
+        base, size = run.data_ptr(), run.element_size()
+        offsets = [(t.data_ptr() - base) // size for t in srcs]
+        spans = sorted((o, o + t.numel()) for o, t in zip(offsets, srcs))
+        if spans[0][0] == 0 and spans[-1][1] == run.numel() and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+            return run, offsets
+    return None
 
 
 class AdapterCache:
@@ -181,13 +231,25 @@ class AdapterCache:
         return list(adapter_parameters(model, name))
 
     def _pin(self) -> bool:
-        return torch.cuda.is_available()
+        return host_pinned()
 
     # -- loading hook -------------------------------------------------------------------
     def register_on_host(self, name: str) -> None:
-        """Move a just-loaded adapter to (pinned) host memory (``load_adapter(..., device="cpu")``)."""
+        """Move a just-added adapter to (pinned) host memory."""
         self._sync()
         self.evict(name)
+
+    def add_on_host(self, name: str, pairs: list[tuple[nn.Parameter, Optional[Tensor]]], runs: list[Tensor]) -> None:
+        """Register a just-added adapter as not resident, its values (``pairs``: parameter, loaded
+        value or None to keep the parameter's) in host memory; the parameters point there. The
+        device copies of the parameters are never written (``load_adapter(..., device="cpu")``)."""
+        copy = _HostCopy.from_values(pairs, runs, pin=self._pin())
+        copy.point_home()
+        self.copies[name] = copy
+        self._sync()
+        self.lru.pop(name, None)
+        self.versions.pop(name, None)
+        release_slot(self.state, name)
 
 
 def _check_max(max_resident) -> Optional[int]:
@@ -242,8 +304,33 @@ def check_load_device(model: nn.Module, device) -> None:
                         "device='cpu' to keep the adapter in host memory, or leave device=None")
 
 
-def place_loaded_adapter(model: nn.Module, name: str, device) -> None:
-    """load_adapter's hook, after the adapter was added: ``device="cpu"`` moves its weights to
-    (pinned) host memory and registers it, non-resident, with the model's adapter cache."""
-    if device is not None and torch.device(device).type == "cpu":
-        adapter_cache(model).register_on_host(name)
+def is_host(device) -> bool:
+    """Whether load_adapter's ``device`` asks for host memory (the adapter cache)."""
+    return device is not None and torch.device(device).type == "cpu"
+
+
+def host_pinned() -> bool:
+    """Whether host copies are pinned (when there is a GPU to copy them to)."""
+    return torch.cuda.is_available()
+
+
+def release_deleted(model: nn.Module) -> None:
+    """Free the host copies of adapters deleted since the cache last looked (their pinned memory
+    goes back to torch's pinned-memory pool, so a load that follows a delete reuses it)."""
+    from .inject import find_state
+    st = find_state(model)
+    cache = _CACHES.get(st) if st is not None else None
+    if cache is not None:
+        cache._sync()
+
+
+def place_loaded_adapter(model: nn.Module, name: str, device, pairs: list[tuple[nn.Parameter, Optional[Tensor]]],
+                         runs: list[Tensor]) -> bool:
+    """load_adapter's hook, after the adapter was added: with ``device="cpu"``, put the loaded
+    values (``pairs``: parameter, value or None) in (pinned) host memory, register the adapter,
+    non-resident, with the model's adapter cache and return True; else return False (the
+    caller copies the values into the parameters)."""
+    if not is_host(device):
+        return False
+    adapter_cache(model).add_on_host(name, pairs, runs)
+    return True

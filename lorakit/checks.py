@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterFormatError, ShapeMismatch, preview
-from .inject import base_of, resolve_saved, resolve_targets
+from .inject import base_of, resolve_saved, resolve_targets, walk
 from .layers import adapter_shapes, supported_base
 from .tensorfile import FLOAT_DTYPES, TensorInfo
 
@@ -40,6 +40,13 @@ class Expected:
     saved: dict[str, tuple] = field(default_factory=dict)                          # key: shape
     optional: dict[str, torch.Tensor] = field(default_factory=dict)                # key: base parameter
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)                   # key: dtype it is copied into
+    devices: set = field(default_factory=set)                                      # where the copies go
+    saved_paths: list[str] = field(default_factory=list)                           # modules_to_save paths
+
+    @property
+    def paths(self) -> list[str]:
+        """The adapted module paths, in model order (resolve_targets)."""
+        return list(self.pairs)
 
     def keys(self) -> set[str]:
         found = set(self.saved)
@@ -49,20 +56,25 @@ class Expected:
 
 
 def expected(model: nn.Module, cfg: LoraConfig) -> Expected:
+    """What a file for ``cfg`` must hold on ``model``: one walk of the model, then dict lookups."""
     exp = Expected()
+    modules = dict(walk(model))
     for path in resolve_targets(model, cfg):
-        base = base_of(model.get_submodule(path))
+        base = base_of(modules[path])
         cls = supported_base(base)
         a_shape, b_shape = adapter_shapes(base, cfg.rank_for(path))
         exp.pairs[path] = (f"{path}.{cls.peft_a_key}", tuple(a_shape), f"{path}.{cls.peft_b_key}", tuple(b_shape))
         dest = base.weight.dtype if cfg.adapter_dtype == "auto" else getattr(torch, cfg.adapter_dtype)
         exp.dtypes.update({exp.pairs[path][0]: dest, exp.pairs[path][2]: dest})
+        exp.devices.add(base.weight.device)
         for pname, p in base.named_parameters():
             exp.optional[f"{path}.base_layer.{pname}"] = p
-    for path in resolve_saved(model, cfg):
-        for pname, p in base_of(model.get_submodule(path)).named_parameters():
+    exp.saved_paths = resolve_saved(model, cfg)
+    for path in exp.saved_paths:
+        for pname, p in base_of(modules[path]).named_parameters():
             exp.saved[f"{path}.{pname}"] = tuple(p.shape)
             exp.dtypes[f"{path}.{pname}"] = p.dtype
+            exp.devices.add(p.device)
     return exp
 
 
@@ -109,6 +121,7 @@ def check_header(model: nn.Module, cfg: LoraConfig, entries: dict[str, TensorInf
     exp = expected(model, cfg)
     rep = _Report()
     by_key = {strip(k): (k, info) for k, info in entries.items()}
+    lora_keys = {key for a, _, b, _ in exp.pairs.values() for key in (a, b)}
     for k, (key, info) in by_key.items():
         if k in exp.optional:
             param = exp.optional[k]
@@ -117,7 +130,7 @@ def check_header(model: nn.Module, cfg: LoraConfig, entries: dict[str, TensorInf
         elif k in exp.saved:
             if info.shape != exp.saved[k]:
                 rep.shapes.append(f"{key}: expected shape {list(exp.saved[k])}, got {list(info.shape)}")
-        elif not any(k in (a, b) for a, _, b, _ in exp.pairs.values()):
+        elif k not in lora_keys:
             rep.unexpected.append(f"{key} ({_why_unexpected(model, cfg, k, exp)})")
             continue
         if info.dtype not in FLOAT_DTYPES:
@@ -192,20 +205,38 @@ def _why_unexpected(model: nn.Module, cfg: LoraConfig, k: str, exp: Expected) ->
 def all_finite(t: torch.Tensor) -> bool:
     """True when every value of ``t`` is finite.
 
-    A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one reduction, accumulated
-    in float32 for half types) proves every value finite; only a non-finite sum (a bad value, or
-    finite values whose sum overflows) pays for the elementwise check.
+    A NaN or Inf anywhere makes the sum NaN or Inf (NaN + x = NaN, Inf + finite = Inf,
+    Inf + -Inf = NaN), so a finite sum (one reduction) proves every value finite; only a
+    non-finite sum (a bad value, or finite values whose sum overflows the dtype) pays for the
+    elementwise check. The sum is taken in t's own dtype (torch accumulates half types in
+    float32 internally; a float32 result of a bfloat16 sum is 25x slower on CPU); 8-bit floats,
+    which torch cannot sum, are summed as float32.
     """
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    total = t.sum(dtype=torch.float32) if t.element_size() < 2 else t.sum()
     return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
-def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, model: nn.Module
-                 ) -> dict[str, torch.Tensor]:
+def finite_keys(exp: Expected, runs: list[tuple[torch.Tensor, list[str]]]) -> frozenset[str]:
+    """Keys proven finite, in the file and in the dtype they are copied into, by one all_finite
+    per run (tensorfile.split_buffer: adjacent tensors of one dtype seen as one flat tensor; a file
+    lorakit writes is one run). A run copied into another dtype is checked after one cast (a
+    value that is not finite in the file is not finite after the cast either)."""
+    proven: set[str] = set()
+    for flat, keys in runs:
+        dests = {exp.dtypes.get(strip(k), flat.dtype) for k in keys}
+        dest = dests.pop() if len(dests) == 1 else None
+        if dest is not None and all_finite(flat if dest == flat.dtype else flat.to(dest)):
+            proven.update(keys)
+    return frozenset(proven)
+
+
+def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, model: nn.Module,
+                 finite: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """Pass 2: finite values, and saved base copies equal to the model's. Returns the adapter's
-    tensors keyed without PREFIX (the base copies dropped)."""
+    tensors keyed without PREFIX (the base copies dropped). Keys in ``finite`` are known finite
+    (finite_keys) and skip their own reduction."""
     wanted = exp.keys()
     by_path, bad, differ = {}, [], []
     for key, t in tensors.items():
@@ -216,11 +247,12 @@ def check_values(exp: Expected, tensors: dict[str, torch.Tensor], source: str, m
                 differ.append(f"{key}: a saved copy of the base weight that differs from this model's "
                               "(was the vocabulary resized?)")
         elif k in wanted:
-            if not all_finite(t):
-                finite = torch.isfinite(t)
-                n_nan = int(torch.isnan(t).sum())
-                bad.append(f"{key}: expected finite values, got {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf")
-            elif t.dtype != exp.dtypes[k] and not bool(torch.isfinite(t.to(exp.dtypes[k])).all()):
+            if key in finite:
+                pass
+            elif not all_finite(t):
+                n_nan, n_bad = int(torch.isnan(t).sum()), int((~torch.isfinite(t)).sum())
+                bad.append(f"{key}: expected finite values, got {n_nan} NaN and {n_bad - n_nan} Inf")
+            elif t.dtype != exp.dtypes[k] and not all_finite(t.to(exp.dtypes[k])):
                 n = int((~torch.isfinite(t.to(exp.dtypes[k]))).sum())
                 bad.append(f"{key}: expected values that fit {exp.dtypes[k]} (the adapter's dtype), got {n} that "
                            f"overflow it (largest magnitude {t.abs().max().item():.3g})")

@@ -48,11 +48,21 @@ class BaseModelWarning(UserWarning):
     """The adapter was saved on a different base model (the default: load anyway, warn)."""
 
 
-def _weight(model: nn.Module, path: str) -> Optional[torch.Tensor]:
-    from .inject import base_of
+def _module(model: nn.Module, path: str, modules: Optional[dict] = None) -> Optional[nn.Module]:
+    """The module at ``path`` (looked up in ``modules``, a dict(walk(model)), when given), or None."""
+    found = modules.get(path) if modules is not None else None
+    if found is not None:
+        return found
     try:
-        module = model.get_submodule(path)
+        return model.get_submodule(path)
     except AttributeError:
+        return None
+
+
+def _weight(model: nn.Module, path: str, modules: Optional[dict] = None) -> Optional[torch.Tensor]:
+    from .inject import base_of
+    module = _module(model, path, modules)
+    if module is None:
         return None
     w = getattr(base_of(module), "weight", None)
     return w if isinstance(w, torch.Tensor) else None
@@ -77,8 +87,33 @@ def _sample(w: torch.Tensor, samples: int, dtype: Optional[torch.dtype] = None) 
     return _digest(values if dtype is None else values.to(dtype))
 
 
-def _merged(model: nn.Module, path: str) -> bool:
-    return getattr(model.get_submodule(path), "merged_name", None) is not None
+def _digests(items: list[tuple[torch.Tensor, Optional[torch.dtype]]], samples: int) -> list[Optional[str]]:
+    """``_sample(w, samples, dtype)`` for many weights: the gathers run where the weights are and
+    one copy per device brings every sampled byte to the host (a GPU model syncs once, not once
+    per weight)."""
+    index: dict = {}
+    raws: list[Optional[torch.Tensor]] = []
+    for w, dtype in items:
+        if w.is_meta or w.numel() == 0:
+            raws.append(None)
+            continue
+        flat = w.detach().reshape(-1)
+        key = (flat.numel(), flat.device)
+        if key not in index:
+            index[key] = _indices(flat.numel(), samples).to(flat.device)
+        values = flat.index_select(0, index[key])
+        raws.append((values if dtype is None else values.to(dtype)).contiguous().view(torch.uint8))
+    host: list[Optional[torch.Tensor]] = [None] * len(raws)
+    for dev in {r.device for r in raws if r is not None}:
+        idx = [i for i, r in enumerate(raws) if r is not None and r.device == dev]
+        parts = torch.cat([raws[i] for i in idx]).cpu().split([raws[i].numel() for i in idx])
+        for i, part in zip(idx, parts):
+            host[i] = part
+    return [None if h is None else hashlib.sha256(h.numpy().tobytes()).hexdigest()[:12] for h in host]
+
+
+def _merged(model: nn.Module, path: str, modules: Optional[dict] = None) -> bool:
+    return getattr(_module(model, path, modules), "merged_name", None) is not None
 
 
 def base_fingerprint(model: nn.Module, paths: Iterable[str], samples: int = SAMPLES) -> dict[str, Any]:
@@ -148,19 +183,22 @@ def compare(recorded: dict[str, Any], model: nn.Module) -> list[str]:
     diffs = []
     if recorded["architecture"] != type(model).__name__:
         diffs.append(f"architecture: saved on {recorded['architecture']}, this model is {type(model).__name__}")
-    missing, shapes, values, compared = [], [], [], 0
+    from .inject import walk
+    modules = dict(walk(model))
+    missing, shapes, sampled = [], [], []
     for path, m in recorded["modules"].items():
-        w = _weight(model, path)
+        w = _weight(model, path, modules)
         if w is None:
             missing.append(path)
         elif list(w.shape) != m["shape"]:
             shapes.append(f"{path}.weight saved {m['shape']}, now {list(w.shape)}")
-        elif m["sample"] is not None and not _merged(model, path):
+        elif m["sample"] is not None and not _merged(model, path, modules):
             cast = _comparable(w.dtype, m["dtype"])
             if cast is not None:
-                compared += 1
-                if _sample(w, recorded["samples"], cast) != m["sample"]:
-                    values.append(path)
+                sampled.append((path, m["sample"], w, cast))
+    digests = _digests([(w, cast) for _, _, w, cast in sampled], recorded["samples"])
+    values = [path for (path, want, _, _), got in zip(sampled, digests) if got != want]
+    compared = len(sampled)
     if missing:
         diffs.append(f"modules missing from this model: {preview(missing, 5)}")
     if shapes:

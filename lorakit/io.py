@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -32,15 +33,14 @@ import torch
 from torch import nn
 
 from .atomic import atomic_save_folder, atomic_write_bytes, write_new_file  # noqa: F401 (atomic_write_bytes re-exported)
-from .checks import PREFIX, check_header, check_values, config_regex_problems
+from .checks import PREFIX, Expected, check_header, check_values, config_regex_problems, finite_keys, strip
 from .config import LoraConfig
 from .errors import AdapterExists, AdapterFormatError, ConfigError, LoraError, MergedStateError, preview
 from .fingerprint import base_fingerprint, check_base, encode
-from .inject import add_adapter, check_adapter_name, find_state, lora_layers, resolve_saved, resolve_targets, \
-    saved_modules
+from .inject import add_adapter, check_adapter_name, find_state, lora_layers, saved_modules, walk
 from .layers import LoraLinear
 from .locate import CONFIG_NAME, WEIGHTS_NAME, find_adapter_files, open_adapter  # noqa: F401 (re-exported)
-from .tensorfile import open_regular, read_data, read_file, read_header, serialize
+from .tensorfile import Header, open_regular, read_buffer, read_file, read_header, serialize, split_buffer
 
 MAX_CONFIG_BYTES = 16 * 2**20
 
@@ -212,22 +212,40 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None, t
                             "pass another name=, or delete_adapter first")
     if state is not None and state.merged is not None:
         raise MergedStateError(f"adapter {state.merged!r} is merged; unmerge(model) before loading adapters")
-    from .cache import check_load_device, place_loaded_adapter   # lorakit.cache: device="cpu" (issue 6)
+    from .cache import check_load_device, host_pinned, is_host, release_deleted   # device="cpu" (issue 6)
     check_load_device(model, device)
-    cfg, by_path = _read_checked(model, path, name, strict, dtype, strict_base)
-    paths, saved = resolve_targets(model, cfg), resolve_saved(model, cfg)
+    release_deleted(model)
+    pin = host_pinned() if is_host(device) else None
+    loaded = _read_checked(model, path, name, strict, dtype, strict_base, pin)
 
     def fill(m: nn.Module) -> None:        # inside add_adapter's all-or-nothing: a failure rolls back
-        _fill(m, name, paths, saved, by_path)
-        place_loaded_adapter(m, name, device)
+        _fill(m, name, loaded, device)
 
-    add_adapter(model, cfg, name, paths, saved, trainable, fill=fill, initialize=not strict)  # strict: all copied
+    add_adapter(model, loaded.cfg, name, loaded.exp.paths, loaded.exp.saved_paths, trainable, fill=fill,
+                initialize=not strict)     # strict: every value is copied in, no random init to overwrite
     return name
 
 
+@dataclass
+class _Loaded:
+    """A checked adapter file: its config, what it fits (checks.Expected), the data section as
+    one uint8 buffer and its header, the tensors to copy in (views of the buffer) and their keys
+    in the file, both keyed ``<module path>.<key>`` (without PEFT's prefix), and the buffer's
+    dtype runs (flat views)."""
+
+    cfg: LoraConfig
+    exp: Expected
+    buf: torch.Tensor
+    header: Header
+    by_path: dict[str, torch.Tensor]
+    keys: dict[str, str]
+    runs: list[torch.Tensor]
+
+
 def _read_checked(model: nn.Module, path: PathLike, name: str, strict: bool, dtype: Optional[torch.dtype],
-                  strict_base: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Config and validated tensors (keyed without PEFT's prefix); the model is not touched."""
+                  strict_base: bool, pin: Optional[bool] = None) -> _Loaded:
+    """Read and check everything; the model is not touched. The data lands in pinned memory when
+    ``pin``, or (``pin=None``) when the adapter goes to a GPU: one asynchronous copy takes it there."""
     files = open_adapter(path, name)
     source = str(files.weights)
     try:
@@ -237,8 +255,13 @@ def _read_checked(model: nn.Module, path: PathLike, name: str, strict: bool, dty
         header = read_header(files.weights_fd, source)
         exp = check_header(model, cfg, header.entries, source, strict)
         check_base(model, header.metadata, source, strict_base, stacklevel=4)
-        tensors = read_data(files.weights_fd, header, source)
-        return cfg, check_values(exp, tensors, source, model)
+        if pin is None:
+            pin = any(d.type == "cuda" for d in exp.devices)
+        buf = read_buffer(files.weights_fd, header, source, pin=pin and torch.cuda.is_available())
+        tensors, runs = split_buffer(buf, header)
+        by_path = check_values(exp, tensors, source, model, finite=finite_keys(exp, runs))
+        keys = {k: key for key in header.entries if (k := strip(key)) in by_path}
+        return _Loaded(cfg, exp, buf, header, by_path, keys, [flat for flat, _ in runs])
     except LoraError as e:
         if str(files.folder) in str(e):
             raise
@@ -250,16 +273,44 @@ def _read_checked(model: nn.Module, path: PathLike, name: str, strict: bool, dty
 
 
 @torch.no_grad()
-def _fill(model: nn.Module, name: str, paths: list[str], saved: list[str], by_path: dict) -> None:
-    """Copy validated tensors into adapter ``name`` (keys absent with strict=False keep their init:
-    B = 0, so such a layer adds nothing)."""
-    for path in paths:
-        layer = model.get_submodule(path)
+def _fill(model: nn.Module, name: str, loaded: _Loaded, device) -> None:
+    """Copy the validated tensors into adapter ``name``: into its parameters, or with
+    ``device="cpu"`` into the adapter cache's host memory (lorakit.cache). Keys absent with
+    strict=False keep their init (B = 0, so such a layer adds nothing)."""
+    from .cache import place_loaded_adapter
+    pairs = _pairs(model, name, loaded)
+    if place_loaded_adapter(model, name, device, [(p, k and loaded.by_path[k]) for p, k in pairs], loaded.runs):
+        return
+    pairs = [(p, k) for p, k in pairs if k is not None]
+    if pairs:
+        torch._foreach_copy_([p for p, _ in pairs], _sources(pairs, loaded))
+
+
+def _pairs(model: nn.Module, name: str, loaded: _Loaded) -> list[tuple[nn.Parameter, Optional[str]]]:
+    """(parameter of adapter ``name``, the key of its loaded value or None), every parameter once."""
+    modules = dict(walk(model))
+    has, pairs = loaded.by_path.__contains__, []
+    for path in loaded.exp.paths:
+        layer = modules[path]
         a = layer.adapters[name]
-        for param, key in ((a.lora_A, f"{path}.{layer.peft_a_key}"), (a.lora_B, f"{path}.{layer.peft_b_key}")):
-            if key in by_path:
-                param.copy_(by_path[key])
-    for path in saved:
-        for pname, p in model.get_submodule(path).copies[name].named_parameters():
-            if f"{path}.{pname}" in by_path:
-                p.copy_(by_path[f"{path}.{pname}"])
+        for p, k in ((a.lora_A, f"{path}.{layer.peft_a_key}"), (a.lora_B, f"{path}.{layer.peft_b_key}")):
+            pairs.append((p, k if has(k) else None))
+    for path in loaded.exp.saved_paths:
+        for pname, p in modules[path].copies[name].named_parameters():
+            pairs.append((p, f"{path}.{pname}" if has(f"{path}.{pname}") else None))
+    return pairs
+
+
+def _sources(pairs: list[tuple[nn.Parameter, str]], loaded: _Loaded) -> list[torch.Tensor]:
+    """The loaded values on their destinations' device. When every destination is on one GPU and
+    the adapter is most of the file, the whole data section goes over in one asynchronous copy
+    (from pinned memory) and the sources are views of it; otherwise one copy each."""
+    srcs = [loaded.by_path[k] for _, k in pairs]
+    devices = {p.device for p, _ in pairs}
+    dev = devices.pop() if len(devices) == 1 else None
+    if dev is None or dev.type == "cpu":
+        return srcs                                   # _foreach_copy_ moves them (any device, any dtype)
+    if 2 * sum(t.numel() * t.element_size() for t in srcs) < loaded.buf.numel():
+        return [t.to(dev, non_blocking=t.is_pinned()) for t in srcs]
+    on_dev = split_buffer(loaded.buf.to(dev, non_blocking=loaded.buf.is_pinned()), loaded.header)[0]
+    return [on_dev[loaded.keys[k]] for _, k in pairs]

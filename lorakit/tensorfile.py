@@ -82,13 +82,7 @@ def _bad(source, detail: str) -> AdapterFormatError:
 def read_exact(fd: int, n: int, offset: int, source) -> bytearray:
     """``n`` bytes at ``offset`` (pread; the file offset is not used)."""
     buf = bytearray(n)
-    view, done = memoryview(buf), 0
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise _bad(source, f"the file ended after {offset + done} bytes while reading {n} bytes at {offset} "
-                               "(truncated while being read?)")
-        done += got
+    read_into(fd, memoryview(buf), offset, source)
     return buf
 
 
@@ -196,18 +190,82 @@ def _check_tiling(entries: dict[str, TensorInfo], data_len: int, source) -> None
 
 
 # ------------------------------------------------------------------------------ the tensors
+def read_buffer(fd: int, header: Header, source, pin: bool = False) -> torch.Tensor:
+    """The data section of a checked header as one uint8 tensor (``pin``: in pinned host memory,
+    ready for one asynchronous copy to a GPU), filled by pread without zeroing it first."""
+    n = header.file_size - header.data_start
+    buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+    if n:
+        read_into(fd, memoryview(buf.numpy()), header.data_start, source)
+    return buf
+
+
+def read_into(fd: int, view: memoryview, offset: int, source) -> None:
+    """Fill ``view`` with the bytes at ``offset`` (pread; the file offset is not used)."""
+    n, done = len(view), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise _bad(source, f"the file ended after {offset + done} bytes while reading {n} bytes at {offset} "
+                               "(truncated while being read?)")
+        done += got
+
+
+def split_buffer(buf: torch.Tensor, header: Header) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, list[str]]]]:
+    """The tensors of the data section ``buf`` (uint8, on any device) as views of it, and its
+    dtype runs: maximal runs of adjacent tensors of one dtype, each as one flat view with its keys
+    (one reduction per run checks every value of a file; a file lorakit writes is one run).
+
+    A run that starts at an offset that is not a multiple of its item size is copied (no aligned
+    view exists); its tensors then view the copy. Each tensor is one ``as_strided`` of its run.
+    """
+    entries = header.entries
+    tensors: dict[str, torch.Tensor] = {}
+    runs: list[tuple[torch.Tensor, list[str]]] = []
+    for dtype, begin, end, keys in _runs(entries):
+        tdtype = DTYPES[dtype]
+        size = tdtype.itemsize
+        raw = buf[begin:end]
+        flat = (raw if begin % size == 0 else raw.clone()).view(tdtype)
+        base = flat.storage_offset()
+        for key in keys:
+            info = entries[key]
+            tensors[key] = flat.as_strided(info.shape, _strides(info.shape), base + (info.begin - begin) // size)
+        runs.append((flat, keys))
+    empty = [key for key, info in entries.items() if info.begin == info.end]
+    for key in empty:
+        tensors[key] = torch.empty(entries[key].shape, dtype=entries[key].torch_dtype, device=buf.device)
+    return {key: tensors[key] for key in entries}, runs         # in the header's order
+
+
+def _runs(entries: dict[str, TensorInfo]) -> list[tuple[str, int, int, list[str]]]:
+    """(dtype, begin, end, keys) of each maximal run of adjacent non-empty tensors of one dtype."""
+    runs: list[tuple[str, int, int, list[str]]] = []
+    for key, info in sorted(entries.items(), key=lambda kv: kv[1].begin):
+        if info.end == info.begin:
+            continue
+        if runs and runs[-1][0] == info.dtype and runs[-1][2] == info.begin:
+            dtype, begin, _, keys = runs[-1]
+            keys.append(key)
+            runs[-1] = (dtype, begin, info.end, keys)
+        else:
+            runs.append((info.dtype, info.begin, info.end, [key]))
+    return runs
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of ``shape``."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 def read_data(fd: int, header: Header, source, keys: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
     """The tensors of a checked header (all, or ``keys``), on the CPU, in one read of the data."""
-    data = read_exact(fd, header.file_size - header.data_start, header.data_start, source)
-    out = {}
-    for key in (header.entries if keys is None else keys):
-        info = header.entries[key]
-        if info.numel == 0:
-            out[key] = torch.empty(info.shape, dtype=info.torch_dtype)
-        else:
-            flat = torch.frombuffer(data, dtype=info.torch_dtype, count=info.numel, offset=info.begin)
-            out[key] = flat.view(info.shape)
-    return out
+    tensors = split_buffer(read_buffer(fd, header, source), header)[0]
+    return tensors if keys is None else {key: tensors[key] for key in keys}
 
 
 def read_file(path) -> tuple[Header, dict[str, torch.Tensor]]:
@@ -306,5 +364,5 @@ def link_target(folder: Path, name: str) -> str:
                              "refusing to follow it (copy the file into the folder if you trust it)")
 
 
-__all__ = ["TensorInfo", "Header", "read_header", "read_data", "read_file", "serialize", "open_inside", "link_target",
+__all__ = ["TensorInfo", "Header", "read_header", "read_buffer", "split_buffer", "read_data", "read_file", "serialize", "open_inside", "link_target",
            "check_regular", "DTYPES", "FLOAT_DTYPES", "MAX_HEADER_BYTES"]

@@ -200,6 +200,24 @@ def test_load_dtype_and_non_strict(saved):
     lorakit.load_adapter(loose, folder, strict=False)
     v1 = loose.model.layers[1].self_attn.v_proj.adapters["default"]
     assert torch.equal(v1.lora_B, torch.zeros_like(v1.lora_B))          # missing B keeps init: adds nothing
+    host = tiny_llama()                                                 # the same, kept in host memory
+    lorakit.load_adapter(host, folder, strict=False, device="cpu")
+    lorakit.adapter_cache(host).fetch(["default"])
+    for (k, p), (k2, q) in zip(lorakit.lora_state_dict(loose).items(), lorakit.lora_state_dict(host).items()):
+        assert k == k2 and torch.equal(p, q)
+
+
+def test_tensors_at_offsets_that_are_not_multiples_of_their_item_size_read_exactly(tmp_path):
+    """Another writer may lay out mixed dtypes without padding; such tensors are read exactly."""
+    from lorakit.io import read_tensors
+    from lorakit.tensorfile import serialize
+    want = {"a": torch.arange(3, dtype=torch.uint8), "b": torch.randn(2, 3), "c": torch.randn(5).to(torch.bfloat16),
+            "d": torch.empty(0, 4), "e": torch.tensor(0.5, dtype=torch.float64)}      # b at byte 3, c at 27, e at 37
+    (tmp_path / "t.safetensors").write_bytes(serialize(want))
+    got = read_tensors(tmp_path / "t.safetensors")
+    assert list(got) == list(want)
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t)
 
 
 # ---------------------------------------------------------------------------- bad input
