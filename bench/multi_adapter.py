@@ -134,8 +134,8 @@ def mixed_names(K, B, i):
 
 
 # ---------------------------------------------------------------------------- the run
-def run_lorakit(model, size, device, ids, results, only_load=False):
-    kmax = max(size["ks"])
+def run_lorakit(model, size, device, ids, results, only_load=False, kmax=None):
+    kmax = kmax or max(size["ks"])
     t0 = time.perf_counter()
     cfg = lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS)
     lorakit.inject(model, cfg, name="a0")
@@ -151,7 +151,8 @@ def run_lorakit(model, size, device, ids, results, only_load=False):
     if not only_load:
         with torch.inference_mode():
             measure_lorakit(model, size, device, ids, results)
-    load_times(model, results, device, f"{kmax}_loaded")
+    if kmax > 1:
+        load_times(model, results, device, f"{kmax}_loaded")
     lorakit.unload(model)
 
 
@@ -295,19 +296,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--only-load", action="store_true", help="measure adapter load times only")
+    ap.add_argument("--loaded", type=int, default=None,
+                    help="with --only-load: also time loads with this many adapters loaded (default: the largest K; "
+                         "1: only the first); e.g. --device cpu --dtype bfloat16 --only-load --loaded 1 on a laptop")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                    help="model and adapter dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device == "cuda" else torch.float32
     results = dict(env=env(args.device), size=args.size, shape={k: size[k] for k in ("hidden", "layers", "inter",
                    "heads", "kv", "vocab")}, batch=size["batch"], seq=size["seq"], decode_steps=size["steps"],
                    rank=16, alpha=32, targets=TARGETS, dtype=str(dtype), variants={})
     model = build(size, args.device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, size["vocab"], (size["batch"], size["seq"]), generator=g).to(args.device)
-    run_lorakit(model, size, args.device, ids, results, only_load=args.only_load)
+    run_lorakit(model, size, args.device, ids, results, only_load=args.only_load,
+                kmax=args.loaded if args.only_load else None)
     gc.collect()
     if args.only_load:
         name = "multi_adapter_load" if args.size == "1b" else f"multi_adapter_load_{args.size}"
+        name += "" if args.device == "cuda" else f"_{args.device}"       # never overwrite the GPU results
         lines = [f"- {k}: {v:.4g}" for k, v in results.items() if isinstance(v, float)]
         text = f"# Adapter load times ({results['env'].get('gpu', args.device)}, {args.size} shape)\n\n" \
                f"{results['env']}\n\n" + "\n".join(lines) + "\n"

@@ -191,13 +191,21 @@ def _check_tiling(entries: dict[str, TensorInfo], data_len: int, source) -> None
 
 # ------------------------------------------------------------------------------ the tensors
 def read_buffer(fd: int, header: Header, source, pin: bool = False) -> torch.Tensor:
-    """The data section of a checked header as one uint8 tensor (``pin``: in pinned host memory,
-    ready for one asynchronous copy to a GPU), filled by pread without zeroing it first."""
+    """The data section of a checked header as one uint8 tensor, read with pread. ``pin``: in
+    pinned host memory (ready for one asynchronous copy to a GPU; its pages are already mapped).
+    Otherwise in a bytearray: zero-filling it maps its pages in user space first, much cheaper
+    than faulting fresh pages in during the read (measured on a 2-core VM, 21.5 MiB: 4 ms in
+    all vs 12-17 ms for a read into torch.empty's untouched pages)."""
     n = header.file_size - header.data_start
-    buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
-    if n:
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if pin:
+        buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         read_into(fd, memoryview(buf.numpy()), header.data_start, source)
-    return buf
+        return buf
+    raw = bytearray(n)
+    read_into(fd, memoryview(raw), header.data_start, source)
+    return torch.frombuffer(raw, dtype=torch.uint8)
 
 
 def read_into(fd: int, view: memoryview, offset: int, source) -> None:
