@@ -6,6 +6,8 @@
 #   bash bench/h200.sh infer8b     # inference at the 1B shape, training step at the 8B shape
 #   bash bench/h200.sh run2        # the second session run: 1B re-measure, 1B inference, 8B (VARIANTS_1B,
 #                                   # INFER_VARIANTS, VARIANTS_8B pick the variants)
+#   bash bench/h200.sh s2-1b       # session 2: GPU tests, every 1B training variant, 1B inference
+#   bash bench/h200.sh s2-8b       # session 2: 8B training (eager and compiled), adapter load times
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -44,6 +46,20 @@ case "${1:-}" in
     timeout 150 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss}" --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
     ;;
+  s2-1b)
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_loss.py 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 330 python3 bench/train_step.py --device cuda --size 1b --profile lorakit \
+      --variants "${VARIANTS_1B:-bound,full,peft,peft-bf16,lorakit,lorakit-unfused,lorakit+fused-loss,peft@r64,lorakit@r64,bound+compile,peft+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
+    timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s2-8b)
+    timeout 330 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,bound+compile,lorakit+compile}" \
+      --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
+    timeout 120 python3 bench/multi_adapter.py --only-load --out $R 2>&1 | tee -a "$LOG"
+    ;;
   *)
-    echo "usage: bash bench/h200.sh train1b|infer8b|run2"; exit 2 ;;
+    echo "usage: bash bench/h200.sh train1b|infer8b|run2|s2-1b|s2-8b"; exit 2 ;;
 esac
