@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .layers import LoraLinear
+from .layers import LoraLayer, LoraLinear
 
 _FORWARD_OK: dict[type, bool] = {}
 _FUSED_CLASSES: dict[type, type] = {}
@@ -309,11 +309,22 @@ def _is_ours(m: nn.Module) -> bool:
     return "_lorakit_base" in type(m).__dict__
 
 
+def _modules(model: nn.Module):
+    """Every module of ``model`` except the insides of LoRA layers (their adapters: thousands
+    of modules once many adapters are loaded, none of them an MLP)."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        yield m
+        if not isinstance(m, LoraLayer):
+            stack.extend(c for c in m._modules.values() if c is not None)
+
+
 def attach(model: nn.Module) -> int:
     """Route every gated MLP of ``model`` whose three projections are LoRA layers through the
     fused node (when it applies, per call). Idempotent; returns how many MLPs are routed."""
     n = 0
-    for m in model.modules():
+    for m in _modules(model):
         if _is_ours(m):
             n += 1
         elif ("forward" not in m.__dict__ and all(type(getattr(m, p, None)) is LoraLinear
@@ -327,7 +338,7 @@ def attach(model: nn.Module) -> int:
 def detach(model: nn.Module) -> int:
     """Undo ``attach``: every MLP runs its class's forward again. Returns how many were routed."""
     n = 0
-    for m in model.modules():
+    for m in _modules(model):
         if _is_ours(m):
             m.__class__ = type(m)._lorakit_base
             n += 1
@@ -336,4 +347,4 @@ def detach(model: nn.Module) -> int:
 
 def attached(model: nn.Module) -> int:
     """How many MLPs of ``model`` are routed through the fused node."""
-    return sum(_is_ours(m) for m in model.modules())
+    return sum(_is_ours(m) for m in _modules(model))

@@ -55,11 +55,12 @@ class LoraAdapter(nn.Module):
     """
 
     def __init__(self, a_shape: tuple, b_shape: tuple, r: int, alpha: float, scale: float, dropout: float,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, zero_b: bool = True) -> None:
         super().__init__()
         self.r, self.alpha, self.scale, self.dropout = r, alpha, scale, dropout
         self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        make_b = torch.zeros if zero_b else torch.empty     # empty: the caller copies every value in
+        self.lora_B = nn.Parameter(make_b(b_shape, dtype=dtype, device=device))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"
@@ -116,7 +117,8 @@ class LoraLayer(nn.Module):
         """Add adapter ``name``; ``init=None`` leaves A uninitialised (the caller copies values in)."""
         w = self.base.weight
         a_shape, b_shape = self.adapter_shapes(r)
-        adapter = LoraAdapter(a_shape, b_shape, r, alpha, scale, dropout, dtype or w.dtype, w.device)
+        adapter = LoraAdapter(a_shape, b_shape, r, alpha, scale, dropout, dtype or w.dtype, w.device,
+                              zero_b=init is not None)
         if init is not None:
             _init_pair(adapter, init, embedding=isinstance(self, LoraEmbedding))
         self.adapters[name] = adapter
