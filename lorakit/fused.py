@@ -45,12 +45,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import kernels, ops
 from .layers import LoraLayer, LoraLinear
 
 _FORWARD_OK: dict[type, bool] = {}
 _FUSED_CLASSES: dict[type, type] = {}
-_KERNELS = []   # [module or None], filled on first use
 
 
 # ---------------------------------------------------------------------------- the activation
@@ -77,23 +76,13 @@ def swiglu_backward_reference(dh: Tensor, gu: Tensor) -> Tensor:
     return dgu
 
 
-def _kernels():
-    if not _KERNELS:
-        try:
-            from .kernels import swiglu
-        except ImportError:          # no Triton (CPU-only installs)
-            swiglu = None
-        _KERNELS.append(swiglu)
-    return _KERNELS[0]
-
-
 def _swiglu_forward(gu: Tensor) -> Tensor:
-    k = _kernels() if gu.is_cuda else None
+    k = kernels.load("swiglu") if gu.is_cuda else None
     return k.swiglu_forward(gu) if k is not None else swiglu_forward_reference(gu)
 
 
 def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
-    k = _kernels() if gu.is_cuda else None
+    k = kernels.load("swiglu") if gu.is_cuda else None
     return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
 
 

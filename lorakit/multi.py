@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .errors import AdapterNotFound, LoraError, MergedStateError, preview
 from .inject import lora_layers
 from .layers import LoraAdapter, LoraEmbedding, LoraLayer, LoraLinear, LoraState
@@ -280,18 +281,9 @@ class RowPlan:
         return out
 
 
-_KERNELS = []
-
-
 def _kernels():
-    """lorakit.kernels.rows, or None when Triton cannot be imported (imported once, on first use)."""
-    if not _KERNELS:
-        try:
-            from .kernels import rows
-            _KERNELS.append(rows)
-        except ImportError:
-            _KERNELS.append(None)
-    return _KERNELS[0]
+    """lorakit.kernels.rows, or None when Triton cannot be imported."""
+    return kernels.load("rows")
 
 
 def _no_triton(backend: str) -> bool:

@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 
 # ---------------------------------------------------------------------------- reference
 def lora_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
@@ -112,19 +114,6 @@ def merged_is_cheaper(n: int, d: int, k: int, training: bool) -> bool:
     return n * (k + 2 * d) > 2 * d * k
 
 
-_MERGE_KERNEL: list = []      # [lorakit.kernels.merge or None], filled on first use
-
-
-def _merge_kernel():
-    if not _MERGE_KERNEL:
-        try:
-            from .kernels import merge
-        except ImportError:      # no Triton (CPU-only installs)
-            merge = None
-        _MERGE_KERNEL.append(merge)
-    return _MERGE_KERNEL[0]
-
-
 def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optional[Tensor] = None) -> Tensor:
     """W' = W0 + s B A: (d, k) + s (d, r) (r, k), rounded once to W0's dtype.
 
@@ -133,7 +122,7 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optio
     (``torch.addmm``, which first copies W0 into its output). ``out``: where to write W'.
     """
     if weight.is_cuda and not torch.compiler.is_compiling():
-        k = _merge_kernel()
+        k = kernels.load("merge")
         if k is not None and k.supported(weight, B, A):
             return k.merged_weight(weight, B, A, scale, torch.empty_like(weight) if out is None else out)
     if out is None:

@@ -1,2 +1,20 @@
 """Optional Triton kernels for CUDA GPUs. Each module imports triton at the top, so import it
-only where Triton is available; every kernel has a plain-PyTorch reference and a GPU test."""
+only where Triton is available (``load``); every kernel has a plain-PyTorch reference and a GPU test."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Optional
+
+_LOADED: dict[str, Optional[ModuleType]] = {}
+
+
+def load(name: str) -> Optional[ModuleType]:
+    """``lorakit.kernels.<name>``, or None when Triton cannot be imported (tried once per name)."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(f"{__name__}.{name}")
+        except ImportError:          # no Triton (CPU-only installs)
+            _LOADED[name] = None
+    return _LOADED[name]
