@@ -194,10 +194,8 @@ class LoraLinear(LoraLayer):
             return base(x)
         p = a._parameters
         x_drop = F.dropout(x, a.dropout, True) if a.dropout > 0 and self.training else None
-        w = base.weight
         # ops.lora_linear is the fast path in eager mode and traces under torch.compile(fullgraph=True).
-        return ops.lora_linear(x, w.t() if self.fan_in_fan_out else w, base.bias, p["lora_A"], p["lora_B"],
-                               a.scale, x_drop)
+        return ops.lora_linear(x, self.base_weight_dk(), base.bias, p["lora_A"], p["lora_B"], a.scale, x_drop)
 
 
 class LoraEmbedding(LoraLayer):
