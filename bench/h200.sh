@@ -8,6 +8,8 @@
 #                                   # INFER_VARIANTS, VARIANTS_8B pick the variants)
 #   bash bench/h200.sh s2-1b       # session 2: GPU tests, every 1B training variant, 1B inference
 #   bash bench/h200.sh s2-8b       # session 2: 8B training (eager and compiled), adapter load times
+#   bash bench/h200.sh s3-1b       # session 3: GPU tests, 1B training with the compiled operators
+#   bash bench/h200.sh s3-8b       # session 3: 8B training, 1B inference
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -53,6 +55,20 @@ case "${1:-}" in
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s3-1b)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py \
+      tests/test_loss.py 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 420 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
+      --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,bound+compile,peft+compile,lorakit+compile,lorakit+compile-lean,bound+compile-lean}" \
+      --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s3-8b)
+    timeout 400 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss,bound+compile,lorakit+compile,lorakit+compile-lean}" \
+      --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
+    timeout 120 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s2-8b)
     timeout 330 python3 bench/train_step.py --device cuda --size 8b --batch 4 \

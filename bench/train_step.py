@@ -17,9 +17,11 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     lorakit-unfused  lorakit with the gated MLPs unfused (lorakit.fused.detach): three LoRA linears each
     lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
-                     the 16 identical layers share one compiled graph)
-    lorakit+compile-fn   lorakit compiled with the fast autograd path traced (ops.lora_linear),
-                     where LoraLinear traces the plain reference by default while compiling
+                     the 16 identical layers share one compiled graph). lorakit runs there as its
+                     opaque operators (lorakit.compiled)
+    X+compile-lean   X+compile with torch._functorch.config.activation_memory_budget = 0.9: the
+                     partitioner recomputes cheap elementwise results (the RMSNorm outputs that
+                     LoRA's dA needs) in backward instead of keeping them
 
 Columns: tokens/s and step ms (median), x bound (the eager bound; compiled variants: the
 compiled bound), x PEFT (same rank and mode), peak GiB (CUDA), saved MiB (what autograd keeps
@@ -48,7 +50,7 @@ from bench import common  # noqa: E402
 
 CPU_VARIANTS = "bound,full,peft,lorakit,lorakit+fused-loss"
 GPU_VARIANTS = ("bound,full,peft,peft-bf16,lorakit,lorakit-fp32,lorakit+fused-loss,peft@r64,peft-bf16@r64,lorakit@r64,"
-                "bound+compile,peft+compile,lorakit+compile,lorakit+compile-fn")
+                "bound+compile,peft+compile,lorakit+compile,lorakit+compile-lean")
 
 
 def parse_variant(spec: str) -> dict:
@@ -56,8 +58,8 @@ def parse_variant(spec: str) -> dict:
     name = spec.strip()
     compile_ = "+compile" in name
     fused = "+fused-loss" in name
-    fn = "+compile-fn" in name
-    base = name.replace("+compile-fn", "").replace("+compile", "").replace("+fused-loss", "")
+    lean = "+compile-lean" in name
+    base = name.replace("+compile-lean", "").replace("+compile", "").replace("+fused-loss", "")
     r = 16
     if "@r" in base:
         base, rs = base.split("@r")
@@ -65,7 +67,7 @@ def parse_variant(spec: str) -> dict:
     kind = base.split("-")[0]
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
-    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, compile_fn=fn,
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, lean=lean,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -127,28 +129,6 @@ def make_step(v: dict, model, opt, ids, labels):
     return step, forward_loss
 
 
-class _TraceFastPath:
-    """For ``+compile-fn``: LoraLinear traces ``ops.lora_linear_reference`` while compiling; this
-    points it at the fast autograd function instead, for the duration of one variant."""
-
-    def __init__(self):
-        import types
-
-        import lorakit.layers as layers
-        from lorakit import ops
-        self.layers, self.ops = layers, ops
-        shim = types.ModuleType("ops_fast_under_compile")
-        shim.__dict__.update({k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")})
-        shim.lora_linear_reference = ops.lora_linear
-        self.shim = shim
-
-    def __enter__(self):
-        self.layers.ops = self.shim
-
-    def __exit__(self, *exc):
-        self.layers.ops = self.ops
-
-
 def prepare(v: dict, args, dtype) -> dict:
     """Build the model, inject/freeze per variant, and measure the bytes saved for backward."""
     model = common.build_llama(args.size, args.device, dtype, seed=0, layers=args.layers)
@@ -182,7 +162,8 @@ def profile_step(p: dict, args) -> str:
 def run_sequential(v: dict, args, dtype) -> dict:
     """One variant alone on the device (GPU: its peak memory is its own)."""
     common.reset_peak(args.device)
-    ctx = _TraceFastPath() if v["compile_fn"] else None
+    import torch._functorch.config as functorch_config
+    ctx = functorch_config.patch(activation_memory_budget=0.9) if v["lean"] else None
     if ctx:
         ctx.__enter__()
     try:
@@ -196,7 +177,7 @@ def run_sequential(v: dict, args, dtype) -> dict:
                 f.write(profile_step(p, args) + "\n\n")
     finally:
         if ctx:
-            ctx.__exit__()
+            ctx.__exit__(None, None, None)
     p.clear()
     common.free()
     return row

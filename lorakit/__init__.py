@@ -25,6 +25,7 @@ from .io import load_adapter, lora_state_dict, save_adapter
 from .layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraState, SavedModule
 from .multi import RowPlan, batch_adapters
 from .cache import AdapterCache, adapter_cache
+from . import compiled  # noqa: F401  (registers the lorakit:: operators torch.compile runs)
 from .report import ParameterReport, parameter_report
 
 __version__ = "0.1.0"

@@ -30,9 +30,11 @@ name, whose forward routes) for every MLP whose class's ``forward`` is exactly
 source, so unknown classes are never guessed at) with ``act_fn`` a SiLU. ``inject`` calls
 it; ``detach(model)`` turns it off. Per call the fused node runs only when it applies:
 gradients enabled, one active adapter present in all three projections with dropout 0,
-no per-row batch, no merge, no hooks, no autocast, not under torch.compile (the compiler
-fuses on its own), and enough tokens that rebuilding merged weights pays
-(``fused_is_cheaper``). Otherwise the class's own forward runs, unchanged.
+no per-row batch, no merge, no hooks, no autocast, and enough tokens that rebuilding
+merged weights pays (``fused_is_cheaper``). Otherwise the class's own forward runs,
+unchanged. Under torch.compile the node runs as the opaque operator
+``lorakit::gated_mlp`` (lorakit.compiled): the same code, so the compiler keeps g|u and x
+and never h.
 """
 
 from __future__ import annotations
@@ -101,6 +103,47 @@ def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, 
     return w
 
 
+def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
+                need_xas: bool, need_has: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(y (N, H), gu (N, 2I), xas, has) for x2 (N, H); adapter weights already in x's dtype.
+
+    xas = x [sg Ag; su Au]^T (N, rg + ru) and has = sd h Ad^T (N, rd) are for the dB's only
+    (computed when asked): the scales are folded into the A's.
+    """
+    gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su).t())   # (N, 2I) = [g | u]
+    h = _swiglu_forward(gu)                                                 # (N, I)
+    y = torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t())                # (N, H)
+    xas = torch.mm(x2, torch.cat([agc * sg, auc * su]).t()) if need_xas else None
+    has = torch.mm(h, (adc * sd).t()) if need_has else None
+    return y, gu, xas, has
+
+
+def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, xas: Optional[Tensor], has: Optional[Tensor],
+                 wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
+                 need: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
+    """(dx, dAg, dBg, dAu, dBu, dAd, dBd) of ``mlp_forward`` for dY (N, H), in x's dtype;
+    ``need`` flags the same seven."""
+    need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
+    i, hid = wg.shape
+    rg = agc.shape[0]
+    dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))                 # dY W'd  (N, I)
+    gsd = torch.mm(dy2, bdc * sd) if need_ad else None                      # sd dY Bd  (N, rd)
+    dBd = torch.mm(dy2.t(), has) if need_bd else None                       # sd dY^T (h Ad^T): (H, rd)
+    dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
+    dAd = torch.mm(gsd.t(), dh) if need_ad else None                        # (rd, I)
+    del dh
+    dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)) if need_x else None   # (N, H)
+    dAg = dAu = dBg = dBu = None
+    if need_ag or need_au:
+        gs = torch.mm(dgu, torch.block_diag(bgc * sg, buc * su))            # [sg dg Bg | su du Bu] (N, rg+ru)
+        dA = torch.mm(gs.t(), x2)                                            # (rg + ru, H)
+        dAg, dAu = dA[:rg], dA[rg:]
+    if need_bg or need_bu:                                                  # contiguous (I, r) results
+        dBg = torch.mm(dgu[:, :i].t(), xas[:, :rg])                         # sg dg^T (x Ag^T)
+        dBu = torch.mm(dgu[:, i:].t(), xas[:, rg:])                         # su du^T (x Au^T)
+    return dx, dAg, dBg, dAu, dBu, dAd, dBd
+
+
 class _GatedMlpFn(torch.autograd.Function):
     """y = (silu(x W'g^T) * (x W'u^T)) W'd^T with frozen W0s; see the module docstring.
 
@@ -112,58 +155,35 @@ class _GatedMlpFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
-        dt = x.dtype
-        i, hid = wg.shape
-        agc, bgc, auc, buc, adc, bdc = (_cast(t, dt) for t in (ag, bg, au, bu, ad, bd))
-        x2 = x.reshape(-1, hid)                                             # (N, H)
-        gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su).t())   # (N, 2I) = [g | u]
-        h = _swiglu_forward(gu)                                             # (N, I)
-        y = torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t())            # (N, H)
+        hid = wg.shape[1]
+        adapters = tuple(_cast(t, x.dtype) for t in (ag, bg, au, bu, ad, bd))
         need = ctx.needs_input_grad
-        # For dB only: x [sg Ag; su Au]^T (N, rg + ru) and sd h Ad^T (N, rd): scales folded into A.
-        xas = torch.mm(x2, torch.cat([agc * sg, auc * su]).t()) if need[5] or need[7] else None
-        has = torch.mm(h, (adc * sd).t()) if need[9] else None
+        x2 = x.reshape(-1, hid)                                             # (N, H)
+        y, gu, xas, has = mlp_forward(x2, wg, wu, wd, *adapters, sg, su, sd, need[5] or need[7], need[9])
         ctx.scales = (sg, su, sd)
         ctx.dtypes = tuple(t.dtype for t in (ag, bg, au, bu, ad, bd))
-        ctx.save_for_backward(x2 if need[4] or need[6] else None, gu, xas, has, wg, wu, wd,
-                              agc, bgc, auc, buc, adc, bdc)
+        ctx.save_for_backward(x2 if need[4] or need[6] else None, gu, xas, has, wg, wu, wd, *adapters)
         ctx.x_shape = x.shape
         return y.view(x.shape[:-1] + (hid,))
 
     @staticmethod
     def backward(ctx, dy):
-        x2, gu, xas, has, wg, wu, wd, agc, bgc, auc, buc, adc, bdc = ctx.saved_tensors
-        sg, su, sd = ctx.scales
-        need_x, _, _, _, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = ctx.needs_input_grad[:10]
-        i, hid = wg.shape
-        rg = agc.shape[0]
-        dy2 = dy.reshape(-1, hid)                                           # (N, H)
-        dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))             # dY W'd  (N, I)
-        gsd = torch.mm(dy2, bdc * sd) if need_ad else None                  # sd dY Bd  (N, rd)
-        dBd = torch.mm(dy2.t(), has) if need_bd else None                   # sd dY^T (h Ad^T): (H, rd)
-        dgu = _swiglu_backward(dh, gu)                                      # [dg | du] (N, 2I); dh := h
-        dAd = torch.mm(gsd.t(), dh) if need_ad else None                    # (rd, I)
-        del dh
-        dx = None
-        if need_x:
-            dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)).view(ctx.x_shape)
-        dAg = dAu = dBg = dBu = None
-        if need_ag or need_au:
-            gs = torch.mm(dgu, torch.block_diag(bgc * sg, buc * su))        # [sg dg Bg | su du Bu] (N, rg+ru)
-            dA = torch.mm(gs.t(), x2)                                        # (rg + ru, H)
-            dAg, dAu = dA[:rg], dA[rg:]
-        if need_bg or need_bu:                                              # contiguous (I, r) results
-            dBg = torch.mm(dgu[:, :i].t(), xas[:, :rg])                     # sg dg^T (x Ag^T)
-            dBu = torch.mm(dgu[:, i:].t(), xas[:, rg:])                     # su du^T (x Au^T)
-        grads = [dAg, dBg, dAu, dBu, dAd, dBd]
+        x2, gu, xas, has, wg, wu, wd, *adapters = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, *grads = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, xas, has, wg, wu, wd, *adapters,
+                                  *ctx.scales, (need[0], *need[4:10]))
         grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
-        return (dx, None, None, None, *grads, None, None, None)
+        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *grads, None, None, None)
 
 
 def lora_gated_mlp(x: Tensor, gate: LoraLinear, up: LoraLinear, down: LoraLinear, name: str) -> Tensor:
     """The fused node for adapter ``name`` of three LoRA linears (no checks: see ``fusable``)."""
     a = [layer.adapters[name] for layer in (gate, up, down)]
-    return _GatedMlpFn.apply(x, gate.base.weight, up.base.weight, down.base.weight,
+    fn = _GatedMlpFn.apply
+    if torch.compiler.is_compiling():
+        from . import compiled             # the same code as one opaque operator (see lorakit.compiled)
+        fn = compiled.gated_mlp
+    return fn(x, gate.base.weight, up.base.weight, down.base.weight,
                              a[0].lora_A, a[0].lora_B, a[1].lora_A, a[1].lora_B, a[2].lora_A, a[2].lora_B,
                              a[0].scale, a[1].scale, a[2].scale)
 
@@ -202,7 +222,7 @@ def is_silu(act: nn.Module) -> bool:
 
 def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
     """The adapter name the fused node would run for this call, or None (the class forward runs)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or _global_hooks():
+    if not torch.is_grad_enabled() or _global_hooks():
         return None
     g, u, d = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
     layers = (g, u, d)
@@ -224,6 +244,10 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
             return None
     if torch.is_autocast_enabled(x.device.type):
         return None
+    if torch.compiler.is_compiling():
+        from . import compiled
+        if not compiled.AVAILABLE:
+            return None
     i, hid = g.base.weight.shape
     if x.shape[-1] != hid or d.base.weight.shape != (hid, i) or u.base.weight.shape != (i, hid):
         return None

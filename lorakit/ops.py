@@ -36,8 +36,9 @@ Two implementations compute that same function:
     ``alpha``): on a GPU the host's time per launch, times 112 adapted layers, is what a
     training step of a 1B model waits on once the bytes are right;
   - builds no autograd node at all under ``torch.no_grad`` (inference: the forward alone);
-  - traces under ``torch.compile(fullgraph=True)`` (there the backward uses the unmerged
-    dX form, so that the compiler does not keep W' for backward).
+  - runs under ``torch.compile(fullgraph=True)`` as the opaque operator
+    ``lorakit::lora_linear`` (lorakit.compiled): the same code, and the compiler never
+    sees (nor keeps) W'. With dropout it traces the autograd function.
 
   It falls back to the reference when the base weight itself requires a gradient.
 """
@@ -140,6 +141,60 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 # GEMMs (``alpha``) instead of separate multiplications; ``addmm(c, a, b, beta=0, alpha=s)``
 # computes s a b and ignores c (documented: not even NaN in c propagates), so a tensor of
 # the right shape that is at hand serves as c.
+def linear_forward(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], Ac: Tensor, Bc: Tensor,
+                   scale: float, merged: bool, need_xa: bool) -> tuple[Tensor, Optional[Tensor], bool]:
+    """The training forward: (out (..., d), xa = xd A^T (..., r) or None, the form used).
+
+    Ac, Bc are already in x's dtype. Merged: out = x W'^T + b, and xa is only computed when
+    ``need_xa`` (for dB). Unmerged (always with dropout): out = x W0^T + b, then
+    out += s xa B^T as the epilogue of a rank-r GEMM.
+    """
+    if xd is None and merged:
+        out = F.linear(x, merged_weight(weight, Bc, Ac, scale), bias)      # x W'^T + b   (..., d)
+        return out, (F.linear(x, Ac) if need_xa else None), True           # (..., r), for dB only
+    xa = F.linear(x if xd is None else xd, Ac)                              # (..., r)
+    out = F.linear(x, weight, bias)                                         # (..., d)
+    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
+    return out, xa, False
+
+
+def linear_backward(dy: Tensor, xd: Optional[Tensor], xa: Optional[Tensor], weight: Tensor, Ac: Tensor, Bc: Tensor,
+                    scale: float, merged: bool, same: bool, need: tuple[bool, bool, bool, bool],
+                    ) -> tuple[Optional[Tensor], ...]:
+    """(dx, dxd, dA, dB) of ``linear_forward`` for dY (..., d); ``need`` flags the same four.
+
+    xd: the input the adapter read (x itself when ``same``: no dropout); gradients come in
+    x's dtype (the caller casts dA and dB to the adapter's). Merged: dX = dY W' with W'
+    rebuilt; unmerged: dX = dY W0, then += s g A as one accumulating GEMM.
+    """
+    need_x, need_xd, need_a, need_b = need
+    s = scale
+    d, k = weight.shape
+    r = Ac.shape[0]
+    dy2 = dy.reshape(-1, d)                                                 # (N, d)
+    xa2 = xa.reshape(-1, r) if xa is not None else None                     # (N, r)
+    gs = None                                                               # s dY B, (N, r)
+    if need_a or need_xd or (need_x and same and not merged):
+        gs = torch.addmm(xa2, dy2, Bc, beta=0, alpha=s) if xa2 is not None else torch.mm(dy2, Bc).mul_(s)
+    dx = dxd = dA = dB = None
+    if need_x:
+        if merged:
+            dx = dy.matmul(merged_weight(weight, Bc, Ac, s))                # dY W' = dY W0 + s (dY B) A
+        else:
+            dx = dy.matmul(weight)                                          # dY W0
+            if same:
+                dx.view(-1, k).addmm_(gs, Ac)                               # += s g A, one accumulating GEMM
+    if need_xd:
+        dxd = torch.mm(gs, Ac).view(dy.shape[:-1] + (k,))                  # s g A (flows back through dropout)
+    if need_a:
+        dA = torch.mm(gs.t(), xd.reshape(-1, k))                            # s g^T xd, (r, k)
+    if need_b:
+        # s dY^T xa, (d, r), made contiguous by the GEMM itself (a transposed result would
+        # be copied by autograd when it accumulates into .grad)
+        dB = torch.addmm(Bc, dy2.t(), xa2, beta=0, alpha=s)
+    return dx, dxd, dA, dB
+
+
 class _LoraLinearFn(torch.autograd.Function):
     """y = x W0^T + b + s (xd A^T) B^T with W0 and b frozen. See the module docstring.
 
@@ -154,19 +209,10 @@ class _LoraLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
                 B: Tensor, scale: float, merged: bool) -> Tensor:
         Ac, Bc = _cast(A, x.dtype), _cast(B, x.dtype)               # no-ops when the dtypes agree
-        if xd is None and merged:
-            out = F.linear(x, merged_weight(weight, Bc, Ac, scale), bias)  # x W'^T + b   (..., d)
-            xa = F.linear(x, Ac) if ctx.needs_input_grad[5] else None       # (..., r), for dB only
-        else:
-            merged = False
-            xa = F.linear(x if xd is None else xd, Ac)                      # (..., r)
-            out = F.linear(x, weight, bias)                                 # (..., d)
-            out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
+        out, xa, merged = linear_forward(x, xd, weight, bias, Ac, Bc, scale, merged, ctx.needs_input_grad[5])
         # Backward rebuilds W' rather than keeping it (it would cost the model's size in memory).
-        # Under torch.compile a rebuild that reads only forward inputs is hoisted into the forward
-        # graph and W' saved anyway, so there backward takes the unmerged form: dY W0 + s g A.
-        ctx.scale, ctx.same = scale, xd is None
-        ctx.merged = merged and not torch.compiler.is_compiling()
+        # (Under torch.compile the custom operators of lorakit.compiled run instead of this node.)
+        ctx.scale, ctx.same, ctx.merged = scale, xd is None, merged
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
         ctx.save_for_backward((x if xd is None else xd) if ctx.needs_input_grad[4] else None, xa, weight, Ac, Bc)
         return out
@@ -174,31 +220,11 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         xd, xa, weight, Ac, Bc = ctx.saved_tensors
-        s = ctx.scale
         need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
-        d, k = weight.shape
-        r = Ac.shape[0]
-        dy2 = dy.reshape(-1, d)                                             # (N, d)
-        xa2 = xa.reshape(-1, r) if xa is not None else None                 # (N, r)
-        gs = None                                                           # s dY B, (N, r)
-        if need_a or need_xd or (need_x and ctx.same and not ctx.merged):
-            gs = torch.addmm(xa2, dy2, Bc, beta=0, alpha=s) if xa2 is not None else torch.mm(dy2, Bc).mul_(s)
-        dx = dxd = dA = dB = None
-        if need_x:
-            if ctx.merged:
-                dx = dy.matmul(merged_weight(weight, Bc, Ac, s))        # dY W' = dY W0 + s (dY B) A
-            else:
-                dx = dy.matmul(weight)                                      # dY W0
-                if ctx.same:
-                    dx.view(-1, k).addmm_(gs, Ac)                           # += s g A, one accumulating GEMM
-        if need_xd:
-            dxd = torch.mm(gs, Ac).view(dy.shape[:-1] + (k,))              # s g A (flows back through dropout)
-        if need_a:
-            dA = _cast(torch.mm(gs.t(), xd.reshape(-1, k)), ctx.a_dtype)    # s g^T xd, (r, k)
-        if need_b:
-            # s dY^T xa, (d, r), made contiguous by the GEMM itself (a transposed result would
-            # be copied by autograd when it accumulates into .grad)
-            dB = _cast(torch.addmm(Bc, dy2.t(), xa2, beta=0, alpha=s), ctx.b_dtype)
+        dx, dxd, dA, dB = linear_backward(dy, xd, xa, weight, Ac, Bc, ctx.scale, ctx.merged, ctx.same,
+                                          (need_x, need_xd, need_a, need_b))
+        dA = None if dA is None else _cast(dA, ctx.a_dtype)
+        dB = None if dB is None else _cast(dB, ctx.b_dtype)
         return dx, dxd, None, None, dA, dB, None, None
 
 
@@ -244,6 +270,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     else:
         merged = mode == "merged"
     if grad:
+        if x_drop is None and torch.compiler.is_compiling():
+            from . import compiled             # the same code as one opaque operator (see lorakit.compiled)
+            if compiled.AVAILABLE:
+                return compiled.lora_linear(x, weight, bias, A, B, scale, merged)
         return _LoraLinearFn.apply(x, x_drop, weight, bias, A, B, scale, merged)
     return _lora_linear_nograd(x, x_drop, weight, bias, A, B, scale, merged)
 
