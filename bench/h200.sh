@@ -59,7 +59,7 @@ case "${1:-}" in
   s3-1b)
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py \
       tests/test_loss.py 2>&1 | tail -4 | tee -a "$LOG"
-    timeout 420 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
+    timeout 420 python3 bench/train_step.py --device cuda --size 1b --profile bound,lorakit,bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,bound+compile,peft+compile,lorakit+compile,lorakit+compile-lean,bound+compile-lean}" \
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     ;;
