@@ -60,14 +60,15 @@ case "${1:-}" in
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py \
       tests/test_loss.py 2>&1 | tail -4 | tee -a "$LOG"
     timeout 420 python3 bench/train_step.py --device cuda --size 1b --profile bound,lorakit,bound+compile,lorakit+compile \
-      --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,bound+compile,peft+compile,lorakit+compile,lorakit+compile-lean,bound+compile-lean}" \
+      --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,bound+compile,peft+compile,lorakit+compile}" \
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3-8b)
     timeout 400 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
-      --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss,bound+compile,lorakit+compile,lorakit+compile-lean}" \
+      --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss,bound+compile,peft+compile,lorakit+compile}" \
       --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
-    timeout 120 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
+    timeout 60 python3 bench/merge_kernel.py --out $R/merge_kernel_h200 2>&1 | tee -a "$LOG"
+    timeout 120 python3 bench/infer.py --device cuda --size 1b --gen-reps 10 --new-tokens 16 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s2-8b)

@@ -6,6 +6,8 @@ Two measurements per variant, same model, same random prompts, side by side in o
   first step computes), batch x seq tokens; tokens/s (median of ``--steps`` calls);
 * decoding: greedy ``model.generate`` from ``--prompt``-token prompts; milliseconds per new
   token step = (t(1 + n new tokens) - t(1 new token)) / n, so the prompt's prefill cancels.
+  All variants' models stay resident and are timed in turn, round after round (medians of
+  ``--gen-reps`` rounds), since decoding is bound by the host and the host's speed drifts.
 
 Variants::
 
@@ -59,29 +61,54 @@ def prepare(name: str, args, dtype):
     return model
 
 
-def measure(model, args) -> dict:
-    vocab = model.config.vocab_size
+def inputs(args, vocab: int):
     ids, _ = common.random_batch(args.batch, args.seq, vocab, args.device, seed=0)
     prompts, _ = common.random_batch(args.gen_batch, args.prompt, vocab, args.device, seed=1)
+    return ids, prompts
+
+
+def measure_prefill(model, args) -> dict:
+    ids, _ = inputs(args, model.config.vocab_size)
 
     def prefill():
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    def gen(n):
-        def run():
-            with torch.inference_mode():
-                model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               attention_mask=torch.ones_like(prompts))
-        return run
-
     common.reset_peak(args.device)
     t_pre = common.median(common.time_steps(prefill, args.device, args.warmup, args.steps))
-    peak = common.peak_gib(args.device)
-    t1 = common.median(common.time_steps(gen(1), args.device, 1, args.gen_reps))
-    tn = common.median(common.time_steps(gen(1 + args.new_tokens), args.device, 1, args.gen_reps))
-    return dict(prefill_ms=t_pre * 1e3, prefill_tok_s=args.batch * args.seq / t_pre, prefill_peak_gib=peak,
-                decode_ms_per_step=(tn - t1) / args.new_tokens * 1e3)
+    return dict(prefill_ms=t_pre * 1e3, prefill_tok_s=args.batch * args.seq / t_pre,
+                prefill_peak_gib=common.peak_gib(args.device))
+
+
+def generate_fn(model, args, n: int):
+    _, prompts = inputs(args, model.config.vocab_size)
+
+    def run():
+        with torch.inference_mode():
+            model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           attention_mask=torch.ones_like(prompts))
+    return run
+
+
+def measure_decode(models: dict, args) -> dict:
+    """ms per decoding step for every model, interleaved: each round times every model once
+    (1 and 1 + n new tokens), so that drifts of the host's speed fall on all variants alike
+    (decoding at batch 8 is bound by the host's time per kernel launch, not by the GPU)."""
+    import time
+    runs = {name: (generate_fn(m, args, 1), generate_fn(m, args, 1 + args.new_tokens)) for name, m in models.items()}
+    for one, many in runs.values():                         # warm-up
+        one(), many()
+    t1 = {name: [] for name in runs}
+    tn = {name: [] for name in runs}
+    for rep in range(args.gen_reps):
+        for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+            for fn, times in zip(runs[name], (t1[name], tn[name])):
+                common.sync(args.device)
+                t0 = time.perf_counter()
+                fn()
+                common.sync(args.device)
+                times.append(time.perf_counter() - t0)
+    return {name: (common.median(tn[name]) - common.median(t1[name])) / args.new_tokens * 1e3 for name in runs}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -125,7 +152,7 @@ def main(argv=None) -> int:
     args.gen_batch = args.gen_batch or (2 if cpu else 8)
     args.prompt = args.prompt if not cpu or args.prompt != 128 else 32
     args.new_tokens = args.new_tokens or (8 if cpu else 32)
-    args.gen_reps = args.gen_reps or (3 if cpu else 5)
+    args.gen_reps = args.gen_reps or (3 if cpu else 10)
     if cpu:
         args.steps = min(args.steps, 10)
     dtype = torch.float32 if cpu else torch.bfloat16
@@ -135,20 +162,23 @@ def main(argv=None) -> int:
                        f"r={args.r} on all 7 projections. Prefill: batch {args.batch} x {args.seq} tokens, "
                        f"last-token logits, median of {args.steps}. Decoding: greedy generate, batch "
                        f"{args.gen_batch}, {args.prompt}-token prompts, time per step from {args.new_tokens} "
-                       f"extra new tokens (median of {args.gen_reps})."))
-    rows = []
+                       f"extra new tokens (median of {args.gen_reps} interleaved rounds)."))
+    rows, models = [], {}
     for name in args.variants.split(","):
         try:
-            model = prepare(name, args, dtype)
-            rows.append(dict(variant=name, **measure(model, args)))
+            models[name] = prepare(name, args, dtype)
+            rows.append(dict(variant=name, **measure_prefill(models[name], args)))
         except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
+            models.pop(name, None)
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
-        model = None
-        common.free()
         print(rows[-1], flush=True)
-        add_ratios(rows)
-        if args.out:                                       # partial results survive a killed run
-            common.write_results(args.out, meta, rows, common.markdown_table(rows, COLUMNS))
+    decode = measure_decode(models, args)
+    for r in rows:
+        if r["variant"] in decode:
+            r["decode_ms_per_step"] = decode[r["variant"]]
+    add_ratios(rows)
+    if args.out:
+        common.write_results(args.out, meta, rows, common.markdown_table(rows, COLUMNS))
     table = common.markdown_table(rows, COLUMNS)
     print("\n" + table)
     return 0

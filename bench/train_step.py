@@ -19,9 +19,6 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
                      the 16 identical layers share one compiled graph). lorakit runs there as its
                      opaque operators (lorakit.compiled)
-    X+compile-lean   X+compile with torch._functorch.config.activation_memory_budget = 0.9: the
-                     partitioner recomputes cheap elementwise results (the RMSNorm outputs that
-                     LoRA's dA needs) in backward instead of keeping them
 
 Columns: tokens/s and step ms (median), x bound (the eager bound; compiled variants: the
 compiled bound), x PEFT (same rank and mode), peak GiB (CUDA), saved MiB (what autograd keeps
@@ -50,7 +47,7 @@ from bench import common  # noqa: E402
 
 CPU_VARIANTS = "bound,full,peft,lorakit,lorakit+fused-loss"
 GPU_VARIANTS = ("bound,full,peft,peft-bf16,lorakit,lorakit-fp32,lorakit+fused-loss,peft@r64,peft-bf16@r64,lorakit@r64,"
-                "bound+compile,peft+compile,lorakit+compile,lorakit+compile-lean")
+                "bound+compile,peft+compile,lorakit+compile")
 
 
 def parse_variant(spec: str) -> dict:
@@ -58,8 +55,7 @@ def parse_variant(spec: str) -> dict:
     name = spec.strip()
     compile_ = "+compile" in name
     fused = "+fused-loss" in name
-    lean = "+compile-lean" in name
-    base = name.replace("+compile-lean", "").replace("+compile", "").replace("+fused-loss", "")
+    base = name.replace("+compile", "").replace("+fused-loss", "")
     r = 16
     if "@r" in base:
         base, rs = base.split("@r")
@@ -67,7 +63,7 @@ def parse_variant(spec: str) -> dict:
     kind = base.split("-")[0]
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
-    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, lean=lean,
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -162,22 +158,14 @@ def profile_step(p: dict, args) -> str:
 def run_sequential(v: dict, args, dtype) -> dict:
     """One variant alone on the device (GPU: its peak memory is its own)."""
     common.reset_peak(args.device)
-    import torch._functorch.config as functorch_config
-    ctx = functorch_config.patch(activation_memory_budget=0.9) if v["lean"] else None
-    if ctx:
-        ctx.__enter__()
-    try:
-        p = prepare(v, args, dtype)
-        common.reset_peak(args.device)
-        p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps, p["cpu_times"])
-        p["peak"] = common.peak_gib(args.device)
-        row = result_row(p, args)
-        if v["name"] in args.profile and args.out:
-            with open(args.out + ".profile.txt", "a") as f:
-                f.write(profile_step(p, args) + "\n\n")
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
+    p = prepare(v, args, dtype)
+    common.reset_peak(args.device)
+    p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps, p["cpu_times"])
+    p["peak"] = common.peak_gib(args.device)
+    row = result_row(p, args)
+    if v["name"] in args.profile and args.out:
+        with open(args.out + ".profile.txt", "a") as f:
+            f.write(profile_step(p, args) + "\n\n")
     p.clear()
     common.free()
     return row
