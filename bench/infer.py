@@ -17,6 +17,8 @@ Variants::
                      plain modules again, the cost of any merged model
     peft             PEFT, one unmerged adapter, its defaults (float32 adapter weights)
     peft-bf16        PEFT, adapter weights in the base dtype
+    X+static         X decoding with a static KV cache, which makes generate compile the model's
+                     forward (torch.compile, mode "reduce-overhead": CUDA graphs); decoding only
 
     PYTHONPATH=. python bench/infer.py --device cpu
     PYTHONPATH=. python bench/infer.py --device cuda --size 1b
@@ -47,6 +49,12 @@ def randomize(params, std: float = 0.02) -> None:
 def prepare(name: str, args, dtype):
     model = common.build_llama(args.size, args.device, dtype, seed=0, layers=args.layers).eval()
     model.generation_config.pad_token_id = 0
+    if name.endswith("+static"):
+        from transformers import CompileConfig
+        name = name[:-len("+static")]
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = CompileConfig(fullgraph=True)
+        model.generation_config.compile_config._compile_all_devices = True     # CPU too (tests of this script)
     if name.startswith("lorakit"):
         import lorakit
         lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=2 * args.r, target_modules=common.TARGETS7))
@@ -113,12 +121,14 @@ def measure_decode(models: dict, args) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     by = {r["variant"]: r for r in rows if "error" not in r}
-    base, merged = by.get("base"), by.get("lorakit-merged")
     for r in by.values():
-        if base:
+        static = "+static" if r["variant"].endswith("+static") else ""
+        base, merged = by.get("base" + static), by.get("lorakit-merged" + static)
+        if base and "prefill_ms" in r and "prefill_ms" in base:
             r["prefill_x_base"] = r["prefill_ms"] / base["prefill_ms"]
+        if base and "decode_ms_per_step" in r and "decode_ms_per_step" in base:
             r["decode_x_base"] = r["decode_ms_per_step"] / base["decode_ms_per_step"]
-        if merged:
+        if merged and "decode_ms_per_step" in r and "decode_ms_per_step" in merged:
             r["decode_x_merged"] = r["decode_ms_per_step"] / merged["decode_ms_per_step"]
 
 
@@ -166,8 +176,15 @@ def main(argv=None) -> int:
     rows, models = [], {}
     for name in args.variants.split(","):
         try:
+            before = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
             models[name] = prepare(name, args, dtype)
-            rows.append(dict(variant=name, **measure_prefill(models[name], args)))
+            if name.endswith("+static"):
+                rows.append(dict(variant=name))
+            else:
+                row = dict(variant=name, **measure_prefill(models[name], args))
+                if row["prefill_peak_gib"] is not None:     # the other variants' resident models excluded
+                    row["prefill_peak_gib"] -= before
+                rows.append(row)
         except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
             models.pop(name, None)
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:200]}"))

@@ -194,8 +194,16 @@ class LoraLinear(LoraLayer):
             return base(x)
         p = a._parameters
         x_drop = F.dropout(x, a.dropout, True) if a.dropout > 0 and self.training else None
-        # ops.lora_linear is the fast path in eager mode and traces under torch.compile(fullgraph=True).
-        return ops.lora_linear(x, self.base_weight_dk(), base.bias, p["lora_A"], p["lora_B"], a.scale, x_drop)
+        bp = base._parameters
+        w = bp["weight"]
+        if self.fan_in_fan_out:
+            w = w.t()
+        if not torch.is_grad_enabled() and x_drop is None:
+            # Inference (decoding runs this 100+ times per token, bound by the host): the
+            # forward alone, through the fewest Python frames.
+            return ops.lora_linear_nograd(x, w, bp.get("bias"), p["lora_A"], p["lora_B"], a.scale)
+        # ops.lora_linear is the fast path in eager mode and an opaque operator under torch.compile.
+        return ops.lora_linear(x, w, bp.get("bias"), p["lora_A"], p["lora_B"], a.scale, x_drop)
 
 
 class LoraEmbedding(LoraLayer):

@@ -246,6 +246,20 @@ def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: O
     return out
 
 
+def lora_linear_nograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                       scale: float) -> Tensor:
+    """``lora_linear`` for callers that know gradients are off and there is no dropout: the
+    same checks (autocast, dtypes) and forms, with less host time per call."""
+    dev = "cuda" if x.is_cuda else x.device.type
+    if torch.is_autocast_enabled(dev):
+        return _lora_linear_autocast(x, weight, bias, A, B, scale, None, "auto")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
+    d, k = weight.shape
+    return _lora_linear_nograd(x, None, weight, bias, A, B, scale, merged_is_cheaper(x.numel() // k if k else 0, d, k,
+                                                                                      False))
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                 x_drop: Optional[Tensor] = None, *, mode: str = "auto") -> Tensor:
     """The fast path for y = x W0^T + b + s (x_drop A^T) B^T (same signature as the reference).
