@@ -169,6 +169,40 @@ def test_no_grad_forward_builds_no_node(mode):
     assert rel(y, ops.lora_linear_reference(x, w, b, A, B, 0.8, x * mask)) < 1e-5
 
 
+@pytest.mark.parametrize("n_lead,bias,adapter_dtype", [((2, 3), True, None), ((300,), False, None),
+                                                       ((4, 5), True, torch.float64)])
+def test_lora_linear_nograd_equals_lora_linear(n_lead, bias, adapter_dtype):
+    """The inference entry (gradients off, no dropout) picks the same form and gives the same bits."""
+    x, w, b, A, B = make(n_lead, 16, 10, 4, bias=bias, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        want = ops.lora_linear(x, w, b, A, B, 0.8)
+        got = ops.lora_linear_nograd(x, w, b, A, B, 0.8)
+    assert torch.equal(got, want) and got.dtype == x.dtype
+
+
+def test_lora_linear_nograd_checks_dtypes_and_follows_autocast():
+    x, w, b, A, B = make((3,), 16, 10, 4)
+    with pytest.raises(TypeError, match="differs from the base weight"):
+        ops.lora_linear_nograd(x.double(), w, b, A, B, 1.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.lora_linear_nograd(x, w, b, A, B, 1.0)
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), ops.lora_linear_reference(x, w, b, A, B, 1.0)) < 1e-2
+
+
+def test_layer_inference_path_equals_training_path():
+    torch.manual_seed(0)
+    model = tiny_gpt2()                                      # Conv1D: W0 stored transposed
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize_adapters(model, std=0.2)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    want = model(ids).logits.detach()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert rel(got, want) < 1e-6
+
+
 def test_merged_is_cheaper_rule():
     # training: N (d + k) > 2 d k; inference: N (k + 2d) > 2 d k
     assert ops.merged_is_cheaper(8192, 2048, 2048, training=True)
