@@ -4,10 +4,11 @@ Two measurements per variant, same model, same random prompts, side by side in o
 
 * prefill: ``model(ids, logits_to_keep=1)`` under ``torch.inference_mode`` (what generation's
   first step computes), batch x seq tokens; tokens/s (median of ``--steps`` calls);
-* decoding: greedy ``model.generate`` from ``--prompt``-token prompts; milliseconds per new
-  token step = (t(1 + n new tokens) - t(1 new token)) / n, so the prompt's prefill cancels.
-  All variants' models stay resident and are timed in turn, round after round (medians of
-  ``--gen-reps`` rounds), since decoding is bound by the host and the host's speed drifts.
+* decoding: greedy ``model.generate`` from ``--prompt``-token prompts, 1 + n new tokens;
+  milliseconds per step = the median time between consecutive steps (noted by a logits
+  processor), the first token (which carries the prefill) excluded. All variants' models stay
+  resident and run in turn, round after round (``--gen-reps`` rounds), since decoding is
+  bound by the host and the host's speed drifts.
 
 Variants::
 
@@ -88,35 +89,46 @@ def measure_prefill(model, args) -> dict:
                 prefill_peak_gib=common.peak_gib(args.device))
 
 
-def generate_fn(model, args, n: int):
+class StepClock:
+    """A logits processor that only notes the time of each decoding step (generate calls it
+    once per new token, after that step's forward)."""
+
+    def __init__(self):
+        self.t: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        import time
+        self.t.append(time.perf_counter())
+        return scores
+
+
+def generate_fn(model, args, clock: StepClock):
+    from transformers import LogitsProcessorList
     _, prompts = inputs(args, model.config.vocab_size)
+    n = 1 + args.new_tokens
 
     def run():
+        clock.t.clear()
         with torch.inference_mode():
             model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           attention_mask=torch.ones_like(prompts))
+                           attention_mask=torch.ones_like(prompts), logits_processor=LogitsProcessorList([clock]))
+        return [b - a for a, b in zip(clock.t, clock.t[1:])]       # the n steps after the first token
     return run
 
 
 def measure_decode(models: dict, args) -> dict:
-    """ms per decoding step for every model, interleaved: each round times every model once
-    (1 and 1 + n new tokens), so that drifts of the host's speed fall on all variants alike
-    (decoding at batch 8 is bound by the host's time per kernel launch, not by the GPU)."""
-    import time
-    runs = {name: (generate_fn(m, args, 1), generate_fn(m, args, 1 + args.new_tokens)) for name, m in models.items()}
-    for one, many in runs.values():                         # warm-up
-        one(), many()
-    t1 = {name: [] for name in runs}
-    tn = {name: [] for name in runs}
+    """ms per decoding step for every model: the median of the times between consecutive
+    steps of generate (the first token, which carries the prefill, excluded). Interleaved:
+    each round runs every model once, so that drifts of the host's speed fall on all variants
+    alike (decoding at batch 8 is bound by the host's time per kernel launch, not the GPU)."""
+    runs = {name: generate_fn(m, args, StepClock()) for name, m in models.items()}
+    for run in runs.values():                               # warm-up (and compilation for +static)
+        run()
+    steps = {name: [] for name in runs}
     for rep in range(args.gen_reps):
         for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
-            for fn, times in zip(runs[name], (t1[name], tn[name])):
-                common.sync(args.device)
-                t0 = time.perf_counter()
-                fn()
-                common.sync(args.device)
-                times.append(time.perf_counter() - t0)
-    return {name: (common.median(tn[name]) - common.median(t1[name])) / args.new_tokens * 1e3 for name in runs}
+            steps[name] += runs[name]()
+    return {name: common.median(times) * 1e3 for name, times in steps.items()}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -171,8 +183,9 @@ def main(argv=None) -> int:
                 setup=(f"Llama shape `{args.size}`, {str(dtype).replace('torch.', '')}, random weights; LoRA "
                        f"r={args.r} on all 7 projections. Prefill: batch {args.batch} x {args.seq} tokens, "
                        f"last-token logits, median of {args.steps}. Decoding: greedy generate, batch "
-                       f"{args.gen_batch}, {args.prompt}-token prompts, time per step from {args.new_tokens} "
-                       f"extra new tokens (median of {args.gen_reps} interleaved rounds)."))
+                       f"{args.gen_batch}, {args.prompt}-token prompts, 1 + {args.new_tokens} new tokens; ms per step: median "
+                       f"time between consecutive steps over {args.gen_reps} interleaved rounds (the first token "
+                       f"excluded). +static: static KV cache, generate compiles the forward (CUDA graphs)."))
     rows, models = [], {}
     for name in args.variants.split(","):
         try:

@@ -16,6 +16,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     lorakit-fp32     lorakit with adapter_dtype="float32"
     lorakit-unfused  lorakit with the gated MLPs unfused (lorakit.fused.detach): three LoRA linears each
     lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
+    X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
+                     ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
                      the 16 identical layers share one compiled graph). lorakit runs there as its
                      opaque operators (lorakit.compiled)
@@ -55,7 +57,8 @@ def parse_variant(spec: str) -> dict:
     name = spec.strip()
     compile_ = "+compile" in name
     fused = "+fused-loss" in name
-    base = name.replace("+compile", "").replace("+fused-loss", "")
+    foreach = "+foreach" in name
+    base = name.replace("+compile", "").replace("+fused-loss", "").replace("+foreach", "")
     r = 16
     if "@r" in base:
         base, rs = base.split("@r")
@@ -63,7 +66,7 @@ def parse_variant(spec: str) -> dict:
     kind = base.split("-")[0]
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
-    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused,
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -78,19 +81,29 @@ def fused_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.
     return linear_cross_entropy(h, w, labels)
 
 
-def setup(v: dict, model, lr: float = 1e-4):
+def adamw(v: dict, params) -> torch.optim.AdamW:
+    """AdamW as ``lorakit train`` makes it (lorakit.train.loop.adamw: fused on CUDA), for every
+    variant alike; ``+foreach`` picks torch's default implementation instead."""
+    from lorakit.train.loop import adamw as lorakit_adamw
+    params = list(params)
+    if v["foreach"]:
+        return torch.optim.AdamW(params, lr=1e-4)
+    return lorakit_adamw(params, lr=1e-4)
+
+
+def setup(v: dict, model):
     """Freeze / inject per variant; returns the optimizer (None for the bound)."""
     if v["kind"] == "bound":
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return None
     if v["kind"] == "full":
-        return torch.optim.AdamW(model.parameters(), lr=lr)
+        return adamw(v, model.parameters())
     if v["kind"] == "peft":
         from peft import LoraConfig, get_peft_model
         cfg = LoraConfig(r=v["r"], lora_alpha=2 * v["r"], lora_dropout=0.0, target_modules=common.TARGETS7)
         pm = get_peft_model(model, cfg, autocast_adapter_dtype=not v["bf16"])
-        return torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+        return adamw(v, [p for p in pm.parameters() if p.requires_grad])
     import lorakit
     cfg = lorakit.LoraConfig(r=v["r"], alpha=2 * v["r"], target_modules=common.TARGETS7,
                              adapter_dtype="float32" if v["fp32"] else "auto")
@@ -98,7 +111,7 @@ def setup(v: dict, model, lr: float = 1e-4):
     if v["unfused"]:
         from lorakit import fused
         fused.detach(model)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return adamw(v, [p for p in model.parameters() if p.requires_grad])
 
 
 def make_step(v: dict, model, opt, ids, labels):
@@ -253,7 +266,8 @@ def main(argv=None) -> int:
                        f"MLP {s['inter']}, {s['heads']} heads, {s['kv']} KV heads, vocab {s['vocab']}, "
                        f"{'tied' if s['tie'] else 'untied'} head), {str(dtype).replace('torch.', '')}, batch "
                        f"{args.batch} x {args.seq} tokens, LoRA alpha = 2r on {', '.join(common.TARGETS7)}, "
-                       f"dropout 0, AdamW; median of {args.steps} steps after {args.warmup} warm-up steps."))
+                       f"dropout 0, AdamW ({'fused' if not cpu else 'default'} implementation, as lorakit train makes it"
+                       f"{'; +foreach: the foreach one' if not cpu else ''}); median of {args.steps} steps after {args.warmup} warm-up steps."))
     if cpu and not args.sequential:
         rows = run_interleaved(specs, args, dtype)
     else:

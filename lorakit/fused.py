@@ -30,9 +30,9 @@ name, whose forward routes) for every MLP whose class's ``forward`` is exactly
 source, so unknown classes are never guessed at) with ``act_fn`` a SiLU. ``inject`` calls
 it; ``detach(model)`` turns it off. Per call the fused node runs only when it applies:
 gradients enabled, one active adapter present in all three projections with dropout 0,
-no per-row batch, no merge, no hooks, no autocast, and enough tokens that rebuilding
-merged weights pays (``fused_is_cheaper``). Otherwise the class's own forward runs,
-unchanged. Under torch.compile the node runs as the opaque operator
+no per-row batch, no merge, no hooks, no autocast to a dtype other than x's, and enough
+tokens that rebuilding merged weights pays (``fused_is_cheaper``). Otherwise the class's
+own forward runs, unchanged. Under torch.compile the node runs as the opaque operator
 ``lorakit::gated_mlp`` (lorakit.compiled): the same code, so the compiler keeps g|u and x
 and never h.
 """
@@ -242,8 +242,9 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
             return None
         if m.adapters[name].dropout > 0 and m.training:
             return None
-    if torch.is_autocast_enabled(x.device.type):
-        return None
+    dev = "cuda" if x.is_cuda else x.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype:
+        return None        # autocast would cast x and the weights; in x's own dtype it casts only A and B, as the node does
     if torch.compiler.is_compiling():
         from . import compiled
         if not compiled.AVAILABLE:

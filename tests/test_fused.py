@@ -173,6 +173,29 @@ def test_bfloat16_on_cpu(monkeypatch):
     check_bfloat16(monkeypatch, "cpu")
 
 
+def test_autocast_to_the_model_dtype_still_fuses(monkeypatch):
+    """A bfloat16 model under bfloat16 autocast (what ``lorakit train`` runs): autocast would
+    cast only the adapters, as the node does, so it fuses, with the unfused layers' accuracy."""
+    ref = lora_llama()
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    want = loss_and_grads(ref)
+    count = Count(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_fused, got_plain = fused_vs_unfused(low)
+    assert count.n == 2
+    e_fused, e_plain = rel_errors(got_fused, want), rel_errors(got_plain, want)
+    for n in e_plain:
+        assert e_fused[n] <= max(1.5 * e_plain[n], 1e-2), (n, e_fused[n], e_plain[n])
+
+
+def test_autocast_to_another_dtype_runs_the_class_forward(monkeypatch):
+    model = lora_llama()                                  # float32 weights, bfloat16 autocast
+    count = Count(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_and_grads(model)
+    assert count.n == 0
+
+
 def test_swiglu_reference_gradients_match_autograd():
     gu = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     dh = torch.randn(5, 6, dtype=torch.float64)

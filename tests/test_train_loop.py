@@ -148,3 +148,29 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(files, tmp_
     train(config(files, tmp_path / "r", steps=4, save_every=2))
     with pytest.raises(TrainingError, match=r"checkpoints of an earlier run \(steps \[2\]\); pass --resume"):
         train(config(files, tmp_path / "r", steps=4, save_every=2))
+
+
+def test_adamw_is_torch_fused_on_cuda_and_default_elsewhere():
+    from lorakit.train.loop import adamw
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = adamw([p], lr=0.1, weight_decay=0.0)
+    assert not opt.defaults.get("fused") and opt.defaults["lr"] == 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_adamw_fused_matches_default():
+    from lorakit.train.loop import adamw
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 16, device="cuda", generator=g)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused, plain = adamw(ps, lr=1e-2, weight_decay=0.1), torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(ps, qs):
+            a.grad = torch.randn(a.shape, device="cuda", generator=g)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for a, b in zip(ps, qs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
 
     # 3. optimizer over adapter parameters only, and the learning-rate schedule
     o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer = adamw(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.run.steps, o.warmup_steps, o.schedule, o.min_lr_ratio))
     batches = Batches(train_set, o.batch_size, cfg.run.seed, tok.pad_token_id, dist.rank, dist.world_size)
@@ -194,6 +194,18 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], precision: str, scal
         total += float(loss.detach())
         n_input += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
     return total, n_input
+
+
+def adamw(params: list, **kwargs) -> torch.optim.AdamW:
+    """AdamW over ``params``: torch's fused implementation (one kernel launch for every
+    parameter) when they are all on a CUDA device, its default elsewhere. Same update.
+
+    The default (foreach) implementation runs about ten multi-tensor kernels per step; over the
+    224 small A/B tensors of a 1B Llama with r=16 on all projections they took 3.7 ms of GPU
+    time per step on an H200 (3% of the step)."""
+    if params and all(p.is_cuda for p in params):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def guarded_step(params: list, optimizer, scaler, max_norm: Optional[float], loss: float
