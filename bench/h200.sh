@@ -12,6 +12,7 @@
 #   bash bench/h200.sh s3-8b       # session 3: 8B training, 1B inference
 #   bash bench/h200.sh s3b-1b      # session 3, final: GPU tests, 1B training (fused AdamW), W' kernel
 #   bash bench/h200.sh s3b-8b      # session 3, final: 8B training, 1B inference with static-cache decoding
+#   bash bench/h200.sh s3c-1b      # session 3, after the low-overhead operators: GPU tests, 1B training
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -57,6 +58,13 @@ case "${1:-}" in
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s3c-1b)
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py tests/test_fused.py \
+      tests/test_train_loop.py 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 300 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
+      --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,lorakit@r64,bound+compile,peft+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3b-1b)
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py tests/test_train_loop.py \
