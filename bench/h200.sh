@@ -13,6 +13,7 @@
 #   bash bench/h200.sh s3b-1b      # session 3, final: GPU tests, 1B training (fused AdamW), W' kernel
 #   bash bench/h200.sh s3b-8b      # session 3, final: 8B training, 1B inference with static-cache decoding
 #   bash bench/h200.sh s3c-1b      # session 3, after the low-overhead operators: GPU tests, 1B training
+#   bash bench/h200.sh s3d         # session 3, last: GPU tests, 1B and 8B (eager + compiled), 1B inference
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -58,6 +59,18 @@ case "${1:-}" in
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s3d)
+    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py 2>&1 | tail -3 | tee -a "$LOG"
+    timeout 120 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_compiled 2>&1 | tee -a "$LOG"
+    timeout 180 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,bound+compile,lorakit+compile}" \
+      --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
+    timeout 220 python3 bench/infer.py --device cuda --size 1b --gen-reps 8 --new-tokens 16 \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16,base+static,lorakit+static,lorakit-merged+static}" \
+      --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3c-1b)
     timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py tests/test_fused.py \

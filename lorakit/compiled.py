@@ -112,12 +112,24 @@ class _LinearOp(torch.autograd.Function):
         return _some(dx), None, None, _some(dA), _some(dB), None, None
 
 
+def _plain(*tensors) -> bool:
+    """Real tensors (not fake, functional or other subclasses that tracing uses)."""
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _linear_autograd(x, weight, bias, A, B, scale, merged):
-    """The operator's Autograd kernel. Without gradients to record (the compiled graphs at run
-    time) it calls the implementation directly: no second trip through the dispatcher."""
+    """The operator's Autograd kernel. Without gradients to record, on real tensors (the
+    compiled graphs at run time) it calls the implementation directly, sparing a second trip
+    through the dispatcher; tracers' tensors (fake, functional) go down the dispatcher."""
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return _LinearOp.apply(x, weight, bias, A, B, scale, merged)
-    return _linear(x, weight, bias, A, B, scale, merged)
+    if _plain(x, weight, bias, A, B):
+        return _linear(x, weight, bias, A, B, scale, merged)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lorakit.lora_linear.default(x, weight, bias, A, B, scale, merged)
 
 
 # ---------------------------------------------------------------------------- gated MLP
@@ -179,7 +191,10 @@ def _mlp_autograd(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
     """The operator's Autograd kernel (see ``_linear_autograd``)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, ag, bg, au, bu, ad, bd)):
         return _MlpOp.apply(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
-    return _mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
+    if _plain(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
+        return _mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lorakit.gated_mlp.default(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
 
 
 def _register() -> Optional[object]:

@@ -84,6 +84,22 @@ def test_opcheck_gated_mlp():
     torch.library.opcheck(torch.ops.lorakit.gated_mlp.default, args)
 
 
+def test_fake_tensors_take_the_fake_kernel_never_the_implementation(monkeypatch):
+    """Inductor propagates fake tensors through the graph: the real code (Triton launches on a
+    GPU) must never see them; real tensors without gradients go straight to it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = []
+    real = compiled._linear
+    monkeypatch.setattr(compiled, "_linear", lambda *a: calls.append(1) or real(*a))
+    x, w, b, A, B = (t.detach() for t in linear_inputs(5, 8, 6, 2))
+    with FakeTensorMode() as mode:
+        fx, fw, fb, fA, fB = (mode.from_tensor(t) for t in (x, w, b, A, B))
+        y, xa = torch.ops.lorakit.lora_linear.default(fx, fw, fb, fA, fB, 1.5, True)
+    assert calls == [] and y.shape == (2, 5, 6) and xa.shape == (2, 5, 2)
+    y, _ = torch.ops.lorakit.lora_linear.default(x, w, b, A, B, 1.5, True)
+    assert calls == [1] and torch.equal(y, ops.lora_linear(x, w, b, A, B, 1.5, mode="merged"))
+
+
 # ---------------------------------------------------------------------------- the linear
 @pytest.mark.parametrize("n,k,d,r", [(64, 16, 12, 2), (3, 40, 24, 8)])
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
