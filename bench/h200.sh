@@ -10,8 +10,8 @@
 #   bash bench/h200.sh s2-8b       # session 2: 8B training (eager and compiled), adapter load times
 #   bash bench/h200.sh s3-1b       # session 3: GPU tests, 1B training with the compiled operators
 #   bash bench/h200.sh s3-8b       # session 3: 8B training, 1B inference
-#   bash bench/h200.sh s3b-1b      # session 3, final: GPU tests, 1B training (fused AdamW), W' kernel
-#   bash bench/h200.sh s3b-8b      # session 3, final: 8B training, 1B inference with static-cache decoding
+#   bash bench/h200.sh s3b-1b      # session 3: GPU tests, 1B training (fused AdamW), W' kernel
+#   bash bench/h200.sh s3b-8b      # session 3: 8B training, 1B inference
 #   bash bench/h200.sh s3c-1b      # session 3, after the low-overhead operators: GPU tests, 1B training
 #   bash bench/h200.sh s3d         # session 3, last: GPU tests, 1B and 8B (eager + compiled), 1B inference
 set -uo pipefail
@@ -69,7 +69,7 @@ case "${1:-}" in
       --variants "${VARIANTS_8B:-bound,lorakit,bound+compile,lorakit+compile}" \
       --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
     timeout 220 python3 bench/infer.py --device cuda --size 1b --gen-reps 8 --new-tokens 16 \
-      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16,base+static,lorakit+static,lorakit-merged+static}" \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" \
       --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3c-1b)
@@ -92,7 +92,7 @@ case "${1:-}" in
       --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss,bound+compile,lorakit+compile}" \
       --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
     timeout 280 python3 bench/infer.py --device cuda --size 1b --gen-reps 10 --new-tokens 16 \
-      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16,base+static,lorakit+static,lorakit-merged+static}" \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" \
       --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3-1b)

@@ -18,8 +18,6 @@ Variants::
                      plain modules again, the cost of any merged model
     peft             PEFT, one unmerged adapter, its defaults (float32 adapter weights)
     peft-bf16        PEFT, adapter weights in the base dtype
-    X+static         X decoding with a static KV cache, which makes generate compile the model's
-                     forward (torch.compile, mode "reduce-overhead": CUDA graphs); decoding only
 
     PYTHONPATH=. python bench/infer.py --device cpu
     PYTHONPATH=. python bench/infer.py --device cuda --size 1b
@@ -50,12 +48,6 @@ def randomize(params, std: float = 0.02) -> None:
 def prepare(name: str, args, dtype):
     model = common.build_llama(args.size, args.device, dtype, seed=0, layers=args.layers).eval()
     model.generation_config.pad_token_id = 0
-    if name.endswith("+static"):
-        from transformers import CompileConfig
-        name = name[:-len("+static")]
-        model.generation_config.cache_implementation = "static"
-        model.generation_config.compile_config = CompileConfig(fullgraph=True)
-        model.generation_config.compile_config._compile_all_devices = True     # CPU too (tests of this script)
     if name.startswith("lorakit"):
         import lorakit
         lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=2 * args.r, target_modules=common.TARGETS7))
@@ -122,7 +114,7 @@ def measure_decode(models: dict, args) -> dict:
     each round runs every model once, so that drifts of the host's speed fall on all variants
     alike (decoding at batch 8 is bound by the host's time per kernel launch, not the GPU)."""
     runs = {name: generate_fn(m, args, StepClock()) for name, m in models.items()}
-    for run in runs.values():                               # warm-up (and compilation for +static)
+    for run in runs.values():                               # warm-up
         run()
     steps = {name: [] for name in runs}
     for rep in range(args.gen_reps):
@@ -133,9 +125,8 @@ def measure_decode(models: dict, args) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     by = {r["variant"]: r for r in rows if "error" not in r}
+    base, merged = by.get("base"), by.get("lorakit-merged")
     for r in by.values():
-        static = "+static" if r["variant"].endswith("+static") else ""
-        base, merged = by.get("base" + static), by.get("lorakit-merged" + static)
         if base and "prefill_ms" in r and "prefill_ms" in base:
             r["prefill_x_base"] = r["prefill_ms"] / base["prefill_ms"]
         if base and "decode_ms_per_step" in r and "decode_ms_per_step" in base:
@@ -185,19 +176,16 @@ def main(argv=None) -> int:
                        f"last-token logits, median of {args.steps}. Decoding: greedy generate, batch "
                        f"{args.gen_batch}, {args.prompt}-token prompts, 1 + {args.new_tokens} new tokens; ms per step: median "
                        f"time between consecutive steps over {args.gen_reps} interleaved rounds (the first token "
-                       f"excluded). +static: static KV cache, generate compiles the forward (CUDA graphs)."))
+                       f"excluded)."))
     rows, models = [], {}
     for name in args.variants.split(","):
         try:
             before = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
             models[name] = prepare(name, args, dtype)
-            if name.endswith("+static"):
-                rows.append(dict(variant=name))
-            else:
-                row = dict(variant=name, **measure_prefill(models[name], args))
-                if row["prefill_peak_gib"] is not None:     # the other variants' resident models excluded
-                    row["prefill_peak_gib"] -= before
-                rows.append(row)
+            row = dict(variant=name, **measure_prefill(models[name], args))
+            if row["prefill_peak_gib"] is not None:         # the other variants' resident models excluded
+                row["prefill_peak_gib"] -= before
+            rows.append(row)
         except Exception as e:  # noqa: BLE001 - one failing variant is reported, the others still run
             models.pop(name, None)
             rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:200]}"))

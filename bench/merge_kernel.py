@@ -111,7 +111,7 @@ def main() -> int:
     print(table)
     if args.out:
         meta = dict(common.env_info("cuda"), title="Merged-weight kernel vs the copy bound",
-                    setup=f"bfloat16, rank {args.rank}; median of 50 calls (CUDA events); columns after 'copy TB/s' "
+                    setup=f"bfloat16, rank {args.rank}; median over 30 rounds of the mean time of 20 back-to-back calls (CUDA events); columns after 'copy TB/s' "
                           "are time / copy time (1.00 = the bound: one read of W0 and one write of W'); "
                           "dot: lorakit's kernel, copy: a Triton copy with its tiling; BDxBKwW = tile (BLOCK_D x BLOCK_K) and warps.")
         common.write_results(args.out, meta, rows, table)
