@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import fused, ops
+from .ops import _cast
 
 AVAILABLE = hasattr(torch.library, "register_fake")      # torch >= 2.4; before, the autograd functions are traced
 
@@ -58,10 +59,6 @@ def _none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _some(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 # ---------------------------------------------------------------------------- LoRA linear

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels, ops
+from .ops import _cast
 from .layers import LoraLayer, LoraLinear
 
 _FORWARD_OK: dict[type, bool] = {}
@@ -89,10 +90,6 @@ def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- the node
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
                     sg: float, su: float) -> Tensor:
     """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), each half written in place (ops.merged_weight)."""
