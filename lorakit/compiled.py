@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import fused, ops
 from .ops import _cast
@@ -220,3 +220,39 @@ def gated_mlp(x: Tensor, wg: Tensor, wu: Tensor, wd: Tensor, ag: Tensor, bg: Ten
               ad: Tensor, bd: Tensor, sg: float, su: float, sd: float) -> Tensor:
     """down(silu(gate(x)) * up(x)) with LoRA on all three, as the ``lorakit::gated_mlp`` operator."""
     return torch.ops.lorakit.gated_mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)[0]
+
+
+# ---------------------------------------------------------------------------- regional compilation
+def repeated_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The largest nn.ModuleList of ``model`` whose members all share one class (a transformer's
+    decoder layers), or None."""
+    best = None
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
+            if best is None or len(m) > len(best):
+                best = m
+    return best
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """Compile ``model`` in place, block by block (regional compilation): each module of
+    ``repeated_blocks`` gets ``nn.Module.compile``, and since the blocks share one class they
+    share one compiled graph, so compiling costs one block, not the model. Parameter names and
+    the state dict do not change. Without repeated blocks the whole model is compiled in place.
+    Returns how many modules were compiled; ``uncompile`` undoes it."""
+    blocks = repeated_blocks(model)
+    targets = list(blocks) if blocks is not None else [model]
+    for m in targets:
+        m.compile(**compile_kwargs)
+    return len(targets)
+
+
+def uncompile(model: nn.Module) -> int:
+    """Undo ``nn.Module.compile`` on every module of ``model`` (they run eagerly again);
+    returns how many were compiled."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+            n += 1
+    return n

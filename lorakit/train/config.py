@@ -153,6 +153,7 @@ class RunSection:
     max_bad_steps: int = _f(5, "a step with a non-finite loss or gradient is skipped; stop after this many in a row")
     resume: bool = _f(False, "continue from the latest checkpoint in out_dir/checkpoints")
     precision: Precision = _f("auto", "auto: bf16 autocast on CUDA when supported, else fp32")
+    compile: bool = _f(False, "torch.compile each decoder layer for training (the first steps compile)")
     progress: bool = _f(True, "show a progress bar")
 
     def problems(self) -> list[str]:

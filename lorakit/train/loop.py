@@ -128,6 +128,9 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
     bad_in_a_row = 0
     t_run = time.perf_counter()
     model.train()
+    if cfg.run.compile:                       # regional: one graph for all decoder layers; undone below
+        from ..compiled import compile_blocks
+        compile_blocks(model)
     try:
         for step in range(start + 1, cfg.run.steps + 1):
             t0 = time.perf_counter()
@@ -162,6 +165,9 @@ def train(cfg: TrainConfig, loaded=None, dist: Optional[Dist] = None,
     finally:
         bar.close()
         model.eval()
+        if cfg.run.compile:                   # the model goes back to the caller as it came: eager
+            from ..compiled import uncompile
+            uncompile(model)
 
     # 6. the final adapter (PEFT layout) with its README, the metrics and the loss curve
     result.seconds = time.perf_counter() - t_run
