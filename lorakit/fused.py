@@ -175,14 +175,16 @@ class _GatedMlpFn(torch.autograd.Function):
 
 def lora_gated_mlp(x: Tensor, gate: LoraLinear, up: LoraLinear, down: LoraLinear, name: str) -> Tensor:
     """The fused node for adapter ``name`` of three LoRA linears (no checks: see ``fusable``)."""
-    a = [layer.adapters[name] for layer in (gate, up, down)]
+    w, a = [], []
+    for layer in (gate, up, down):
+        w.append(layer._modules["base"]._parameters["weight"])
+        ad = layer._modules["adapters"]._modules[name]
+        a += [ad._parameters["lora_A"], ad._parameters["lora_B"], ad.scale]
     fn = _GatedMlpFn.apply
     if torch.compiler.is_compiling():
         from . import compiled             # the same code as one opaque operator (see lorakit.compiled)
         fn = compiled.gated_mlp
-    return fn(x, gate.base.weight, up.base.weight, down.base.weight,
-                             a[0].lora_A, a[0].lora_B, a[1].lora_A, a[1].lora_B, a[2].lora_A, a[2].lora_B,
-                             a[0].scale, a[1].scale, a[2].scale)
+    return fn(x, w[0], w[1], w[2], a[0], a[1], a[3], a[4], a[6], a[7], a[2], a[5], a[8])
 
 
 # ---------------------------------------------------------------------------- when it applies
@@ -218,27 +220,36 @@ def is_silu(act: nn.Module) -> bool:
 
 
 def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
-    """The adapter name the fused node would run for this call, or None (the class forward runs)."""
+    """The adapter name the fused node would run for this call, or None (the class forward runs).
+
+    Runs once per MLP per forward: modules and parameters are read from their dicts
+    (``_modules``, ``_parameters``) rather than through nn.Module.__getattr__ (38 lookups a
+    call, most of its host time)."""
     if not torch.is_grad_enabled() or _global_hooks():
         return None
-    g, u, d = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
-    layers = (g, u, d)
-    if not all(type(m) is LoraLinear for m in layers) or not is_silu(mlp.act_fn):
+    mods = mlp._modules
+    g, u, d, act = mods.get("gate_proj"), mods.get("up_proj"), mods.get("down_proj"), mods.get("act_fn")
+    if type(g) is not LoraLinear or type(u) is not LoraLinear or type(d) is not LoraLinear or not is_silu(act):
         return None
     st = g.state
     name = st.active
     if st.disabled or st.rows is not None or name is None or u.state is not st or d.state is not st:
         return None
-    if _hooked(mlp) or _hooked(mlp.act_fn):
+    if _hooked(mlp) or _hooked(act):
         return None
-    for m in layers:
-        w = m.base.weight
-        if (m.fan_in_fan_out or m.merged_name is not None or name not in m.adapters or m.base.bias is not None
-                or type(m.base) is not nn.Linear or w.requires_grad or w.dtype != x.dtype
-                or _hooked(m) or _hooked(m.base)):
+    weights, trainable = [], x.requires_grad
+    for m in (g, u, d):
+        base = m._modules["base"]
+        a = m._modules["adapters"]._modules.get(name)
+        if a is None or m.fan_in_fan_out or m.merged_name is not None or type(base) is not nn.Linear:
             return None
-        if m.adapters[name].dropout > 0 and m.training:
+        bp, ap = base._parameters, a._parameters
+        w = bp["weight"]
+        if (bp.get("bias") is not None or w.requires_grad or w.dtype != x.dtype or _hooked(m) or _hooked(base)
+                or (a.dropout > 0 and m.training)):
             return None
+        weights.append(w)
+        trainable = trainable or ap["lora_A"].requires_grad or ap["lora_B"].requires_grad
     dev = "cuda" if x.is_cuda else x.device.type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype:
         return None        # autocast would cast x and the weights; in x's own dtype it casts only A and B, as the node does
@@ -246,11 +257,8 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
         from . import compiled
         if not compiled.AVAILABLE:
             return None
-    i, hid = g.base.weight.shape
-    if x.shape[-1] != hid or d.base.weight.shape != (hid, i) or u.base.weight.shape != (i, hid):
-        return None
-    ads = [m.adapters[name] for m in layers]
-    if not (x.requires_grad or any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in ads)):
+    i, hid = weights[0].shape
+    if x.shape[-1] != hid or weights[2].shape != (hid, i) or weights[1].shape != (i, hid) or not trainable:
         return None
     return name if fused_is_cheaper(x.numel() // hid, i, hid) else None
 
@@ -260,7 +268,8 @@ def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
     name = fusable(self, x)
     if name is None:
         return type(self)._lorakit_base.forward(self, x)
-    return lora_gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, name)
+    mods = self._modules
+    return lora_gated_mlp(x, mods["gate_proj"], mods["up_proj"], mods["down_proj"], name)
 
 
 # ---------------------------------------------------------------------------- attach / detach

@@ -272,7 +272,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, A, B, scale, x_drop)
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):     # (x.device builds an object)
         return _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode)
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
