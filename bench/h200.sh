@@ -13,7 +13,8 @@
 #   bash bench/h200.sh s3b-1b      # session 3: GPU tests, 1B training (fused AdamW), W' kernel
 #   bash bench/h200.sh s3b-8b      # session 3: 8B training, 1B inference
 #   bash bench/h200.sh s3c-1b      # session 3, after the low-overhead operators: GPU tests, 1B training
-#   bash bench/h200.sh s3d         # session 3, last: GPU tests, 1B and 8B (eager + compiled), 1B inference
+#   bash bench/h200.sh s3d         # session 3: GPU tests, 1B and 8B (eager + compiled), 1B inference
+#   bash bench/h200.sh s3e         # session 3, last: GPU tests after the fusable rework, 1B eager + compiled
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -59,6 +60,13 @@ case "${1:-}" in
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s3e)
+    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_compiled.py \
+      tests/test_train_loop.py 2>&1 | tail -3 | tee -a "$LOG"
+    timeout 110 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_last 2>&1 | tee -a "$LOG"
     ;;
   s3d)
     timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py 2>&1 | tail -3 | tee -a "$LOG"
