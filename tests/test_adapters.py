@@ -315,6 +315,7 @@ def test_deepcopy_is_independent_and_casts_follow_the_model():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_inject_disable_merge_unmerge(dtype):

@@ -114,6 +114,7 @@ def test_load_device_must_be_host_or_the_models(saved):
     assert lorakit.adapter_names(m) == []
 
 
+@pytest.mark.gpu
 @cuda
 def test_cuda_host_adapters_are_pinned_and_move_in_and_out(saved):
     m = fresh(saved, on_host=("a", "c"), model_device="cuda")

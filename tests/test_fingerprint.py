@@ -164,6 +164,7 @@ def test_saving_while_merged_records_no_samples_for_merged_weights(tmp_path):
         lorakit.load_adapter(tiny_gpt2(seed=0), tmp_path, strict_base=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_fingerprint_does_not_depend_on_the_device(tmp_path):
     model = tiny_llama(seed=0).cuda()

@@ -356,6 +356,7 @@ def test_duplicate_name_missing_folder_and_merged_model(saved, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_save_and_load_across_devices(tmp_path):
     model = tiny_llama().cuda()

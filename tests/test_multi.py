@@ -300,6 +300,7 @@ def tiny_net(device, dtype):
     return net.to(device, dtype)
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 7, 300])
@@ -322,6 +323,7 @@ def test_kernels_match_torch_path(dtype, T):
         assert torch.equal(got[i], out[i])                        # rows without adapter untouched
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_llama_triton_and_torch_equal_rows_alone(dtype):
@@ -344,6 +346,7 @@ def test_cuda_llama_triton_and_torch_equal_rows_alone(dtype):
         assert torch.equal(gen, gen_ref)
 
 
+@pytest.mark.gpu
 @cuda
 def test_cuda_forward_has_no_host_sync_and_captures_in_a_graph():
     net = tiny_net("cuda", torch.bfloat16)
