@@ -224,13 +224,15 @@ def gated_mlp(x: Tensor, wg: Tensor, wu: Tensor, wd: Tensor, ag: Tensor, bg: Ten
 
 # ---------------------------------------------------------------------------- regional compilation
 def repeated_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
-    """The largest nn.ModuleList of ``model`` whose members all share one class (a transformer's
-    decoder layers), or None."""
-    best = None
+    """The nn.ModuleList of ``model`` whose members all share one class and that holds the most
+    parameters (a transformer's decoder layers: they contain any other such list, the experts
+    of a mixture-of-experts layer for one), or None."""
+    best, best_size = None, -1
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
-            if best is None or len(m) > len(best):
-                best = m
+            size = sum(p.numel() for p in m.parameters())
+            if size > best_size:
+                best, best_size = m, size
     return best
 
 

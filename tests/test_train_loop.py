@@ -207,3 +207,6 @@ def test_compile_blocks_finds_the_decoder_layers():
     assert compile_blocks(model, backend="eager") == len(layers)
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert uncompile(model) == len(layers) and all(layer._compiled_call_impl is None for layer in layers)
+    experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))   # more members, fewer parameters
+    model.model.layers[0].add_module("experts", experts)
+    assert repeated_blocks(model) is model.model.layers
