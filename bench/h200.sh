@@ -11,8 +11,6 @@
 #   bash bench/h200.sh s3-1b       # session 3: GPU tests, 1B training with the compiled operators
 #   bash bench/h200.sh s3-8b       # session 3: 8B training, 1B inference
 #   bash bench/h200.sh s3b-1b      # session 3: GPU tests, 1B training (fused AdamW), W' kernel
-#   bash bench/h200.sh s3b-8b      # session 3: 8B training, 1B inference
-#   bash bench/h200.sh s3c-1b      # session 3, after the low-overhead operators: GPU tests, 1B training
 #   bash bench/h200.sh s3d         # session 3: GPU tests, 1B and 8B (eager + compiled), 1B inference
 #   bash bench/h200.sh s3e         # session 3, last: GPU tests after the fusable rework, 1B eager + compiled
 set -uo pipefail
@@ -80,13 +78,6 @@ case "${1:-}" in
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" \
       --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
-  s3c-1b)
-    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py tests/test_fused.py \
-      tests/test_train_loop.py 2>&1 | tail -4 | tee -a "$LOG"
-    timeout 300 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
-      --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+fused-loss,lorakit@r64,bound+compile,peft+compile,lorakit+compile}" \
-      --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
-    ;;
   s3b-1b)
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py tests/test_train_loop.py \
       2>&1 | tail -4 | tee -a "$LOG"
@@ -94,14 +85,6 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit,lorakit+foreach,lorakit+fused-loss,lorakit@r64,bound+compile,peft+compile,lorakit+compile}" \
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     timeout 60 python3 bench/merge_kernel.py --out $R/merge_kernel_h200 2>&1 | tee -a "$LOG"
-    ;;
-  s3b-8b)
-    timeout 260 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
-      --variants "${VARIANTS_8B:-bound,peft,lorakit,lorakit+fused-loss,bound+compile,lorakit+compile}" \
-      --out $R/train_step_8b_h200 2>&1 | tee -a "$LOG"
-    timeout 280 python3 bench/infer.py --device cuda --size 1b --gen-reps 10 --new-tokens 16 \
-      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" \
-      --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3-1b)
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py tests/test_train_loop.py \
