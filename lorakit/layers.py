@@ -172,8 +172,9 @@ class LoraLinear(LoraLayer):
         self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
 
     def base_weight_dk(self) -> Tensor:
-        """W0 as (d, k) whatever the storage layout (a view, no copy)."""
-        w = self.base.weight
+        """W0 as (d, k) whatever the storage layout (a view, no copy). Read from the parameter
+        dict: this runs in every forward."""
+        w = self._modules["base"]._parameters["weight"]
         return w.t() if self.fan_in_fan_out else w
 
     def delta_weight(self, name: str, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -194,16 +195,13 @@ class LoraLinear(LoraLayer):
             return base(x)
         p = a._parameters
         x_drop = F.dropout(x, a.dropout, True) if a.dropout > 0 and self.training else None
-        bp = base._parameters
-        w = bp["weight"]
-        if self.fan_in_fan_out:
-            w = w.t()
+        w, bias = self.base_weight_dk(), base._parameters.get("bias")
         if not torch.is_grad_enabled() and x_drop is None:
             # Inference (decoding runs this 100+ times per token, bound by the host): the
             # forward alone, through the fewest Python frames.
-            return ops.lora_linear_nograd(x, w, bp.get("bias"), p["lora_A"], p["lora_B"], a.scale)
+            return ops.lora_linear_nograd(x, w, bias, p["lora_A"], p["lora_B"], a.scale)
         # ops.lora_linear is the fast path in eager mode and an opaque operator under torch.compile.
-        return ops.lora_linear(x, w, bp.get("bias"), p["lora_A"], p["lora_B"], a.scale, x_drop)
+        return ops.lora_linear(x, w, bias, p["lora_A"], p["lora_B"], a.scale, x_drop)
 
 
 class LoraEmbedding(LoraLayer):
