@@ -4,7 +4,8 @@ Two measurements per variant, same model, same random prompts, side by side in o
 
 * prefill: ``model(ids, logits_to_keep=1)`` under ``torch.inference_mode`` (what generation's
   first step computes), batch x seq tokens; tokens/s (median of ``--steps`` calls);
-* decoding: greedy ``model.generate`` from ``--prompt``-token prompts, 1 + n new tokens;
+* decoding: greedy ``model.generate`` with its KV cache from ``--prompt``-token prompts, 1 + n
+  new tokens (each step runs one new token per sequence);
   milliseconds per step = the median time between consecutive steps (noted by a logits
   processor), the first token (which carries the prefill) excluded. All variants' models stay
   resident and run in turn, round after round (``--gen-reps`` rounds), since decoding is
@@ -14,6 +15,7 @@ Variants::
 
     base             the plain model (no LoRA)
     lorakit          lorakit.inject, one active unmerged adapter (B random, not zero)
+    lorakit-3ops     the same, decoding with the few-rows kernel off (three torch ops per layer)
     lorakit-merged   the same adapter folded in and unloaded (lorakit.unload(merge=True)):
                      plain modules again, the cost of any merged model
     peft             PEFT, one unmerged adapter, its defaults (float32 adapter weights)
@@ -26,6 +28,7 @@ Variants::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -34,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 
-VARIANTS = "base,lorakit,lorakit-merged,peft,peft-bf16"
+VARIANTS = "base,lorakit,lorakit-3ops,lorakit-merged,peft,peft-bf16"
 
 
 def randomize(params, std: float = 0.02) -> None:
@@ -54,6 +57,7 @@ def prepare(name: str, args, dtype):
         randomize(list(lorakit.adapter_parameters(model)))
         if name == "lorakit-merged":
             model = lorakit.unload(model, merge=True)
+        model._bench_no_kernel = name == "lorakit-3ops"
     elif name.startswith("peft"):
         from peft import LoraConfig, get_peft_model
         cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=common.TARGETS7)
@@ -94,6 +98,20 @@ class StepClock:
         return scores
 
 
+@contextlib.contextmanager
+def _few_rows_kernel(on: bool):
+    """lorakit's one-launch decoding kernel on (the default) or off (the three-op form)."""
+    from lorakit import kernels
+    saved = kernels._LOADED.get("skinny")
+    if not on:
+        kernels._LOADED["skinny"] = None
+    try:
+        yield
+    finally:
+        if not on:
+            kernels._LOADED["skinny"] = saved
+
+
 def generate_fn(model, args, clock: StepClock):
     from transformers import LogitsProcessorList
     _, prompts = inputs(args, model.config.vocab_size)
@@ -101,8 +119,8 @@ def generate_fn(model, args, clock: StepClock):
 
     def run():
         clock.t.clear()
-        with torch.inference_mode():
-            model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        with torch.inference_mode(), _few_rows_kernel(not getattr(model, "_bench_no_kernel", False)):
+            model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                            attention_mask=torch.ones_like(prompts), logits_processor=LogitsProcessorList([clock]))
         return [b - a for a, b in zip(clock.t, clock.t[1:])]       # the n steps after the first token
     return run
@@ -173,7 +191,7 @@ def main(argv=None) -> int:
     meta.update(title=f"Inference, {args.size} shape, {args.device}", size=args.size, r=args.r,
                 setup=(f"Llama shape `{args.size}`, {str(dtype).replace('torch.', '')}, random weights; LoRA "
                        f"r={args.r} on all 7 projections. Prefill: batch {args.batch} x {args.seq} tokens, "
-                       f"last-token logits, median of {args.steps}. Decoding: greedy generate, batch "
+                       f"last-token logits, median of {args.steps}. Decoding: greedy generate with the KV cache, batch "
                        f"{args.gen_batch}, {args.prompt}-token prompts, 1 + {args.new_tokens} new tokens; ms per step: median "
                        f"time between consecutive steps over {args.gen_reps} interleaved rounds (the first token "
                        f"excluded)."))
