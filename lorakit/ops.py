@@ -238,6 +238,11 @@ def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: O
         B = B.to(dt)
     if merged and xd is None:
         return F.linear(x, merged_weight(weight, B, A, scale), bias)
+    if xd is None and x.is_cuda and not torch.compiler.is_compiling():
+        k = kernels.load("skinny")                                          # a few rows (decoding): one launch
+        y = None if k is None else k.lora_linear(x, weight, bias, A, B, scale)
+        if y is not None:
+            return y
     out = F.linear(x, weight, bias)                                         # (..., d)
     xa = F.linear(x if xd is None else xd, A)                               # (..., r)
     if out.dim() == 2:

@@ -323,7 +323,9 @@ def test_cuda_inject_disable_merge_unmerge(dtype):
     ids = IDS.cuda()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", adapter_dtype="float32"))
     assert all(p.is_cuda and p.dtype == torch.float32 for p in lorakit.adapter_parameters(model))
-    assert torch.equal(run(model, ids), run(base, ids))
+    # B = 0: the base function. Few rows run the one-launch kernel (lorakit.kernels.skinny), whose
+    # x W0^T is summed in another order than cuBLAS's: equal to rounding, not bit for bit.
+    assert rel_err(run(model, ids).float(), run(base, ids).float()) < (1e-6 if dtype == torch.float32 else 1e-2)
     randomize_adapters(model, std=0.1)
     out = run(model, ids)
     with lorakit.disable_adapters(model):

@@ -382,6 +382,84 @@ def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
     assert torch.equal(buf[d:], got) and not buf[:d].any()
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,k,d,r,bias", [((8, 1), 2048, 2048, 16, False), ((1,), 2048, 512, 16, True),
+                                             ((3, 5), 2048, 8192, 64, False), ((64,), 8192, 2048, 1, True),
+                                             ((17,), 136, 333, 8, True), ((2,), 300, 100, 128, False),
+                                             ((30,), 64, 48, 33, False)])
+def test_gpu_few_rows_kernel_matches_reference(dtype, lead, k, d, r, bias):
+    """The one-launch LoRA linear for decoding (lorakit.kernels.skinny) against the float64
+    reference, and the no-grad path picking it."""
+    from lorakit import kernels
+    sk = kernels.load("skinny")
+    x, w, b, A, B = make(lead, k, d, r, bias=bias, dtype=dtype, device="cuda")
+    want = ops.lora_linear_reference(x.double(), w.double(), None if b is None else b.double(), A.double(),
+                                     B.double(), 0.75)
+    assert sk.supported(x, w, b, A, B)
+    got = sk.lora_linear(x, w, b, A, B, 0.75)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(got, want) < tol
+    with torch.no_grad():                                     # the layer's inference path runs it
+        assert torch.equal(ops.lora_linear_nograd(x, w, b, A, B, 0.75), got)
+    plain = F.linear(x, w, b) + 0.75 * F.linear(F.linear(x, A), B)
+    assert rel(got, want) <= 2 * rel(plain, want) + 1e-6      # no less accurate than the three-op form
+    assert all(not c.any() for _, c in sk._BUFFERS.values())  # split-k arrival counters reset by the kernel
+    for _ in range(2):                                        # the direct launches after the first (JIT) one
+        assert torch.equal(sk.lora_linear(x, w, b, A, B, 0.75), got)  # deterministic (fixed summation order)
+    n = x.numel() // k
+    for split in (1, 2, 4):                                   # every k-split gives the same function
+        k_per = -(-(-(-k // split)) // 128) * 128
+        plan = (16 if n <= 16 else (32 if n <= 32 else 64), 16, 128, -(-k // k_per), k_per, 4, 3)
+        y = sk.launch_plan(x, w, b, A, B, 0.75, torch.empty_like(got), plan)
+        assert rel(y, want) < tol
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_few_rows_kernel_in_a_cuda_graph():
+    from lorakit import kernels
+    sk = kernels.load("skinny")
+    x, w, b, A, B = make((8, 1), 8192, 2048, 16, dtype=torch.bfloat16, device="cuda")
+    want = sk.lora_linear(x, w, b, A, B, 2.0)                 # outside the graph first (makes the counters)
+    assert sk.plan(8, 2048, 8192, 16)[3] > 1                  # this shape splits k: the counters matter
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        sk.lora_linear(x, w, b, A, B, 2.0)
+        with torch.cuda.graph(g, stream=s):
+            y = sk.lora_linear(x, w, b, A, B, 2.0)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, want)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_few_rows_kernel_declines_what_it_cannot_take():
+    from lorakit import kernels
+    sk = kernels.load("skinny")
+    x, w, b, A, B = make((65,), 256, 128, 16, dtype=torch.bfloat16, device="cuda")
+    assert not sk.supported(x, w, b, A, B)                    # too many rows: the GEMMs are cheaper
+    assert sk.lora_linear(x, w, b, A, B, 2.0) is None
+    x, w, b, A, B = make((8,), 256, 128, 16, dtype=torch.bfloat16, device="cuda")
+    assert not sk.supported(x, w.t().contiguous().t(), b, A, B)
+    assert not sk.supported(x, w, b, A.float(), B)
+    assert not sk.supported(x[:, ::2], w[:, ::2], b, A[:, ::2], B)
+    off = torch.empty(8 * 256 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(8, 256)
+    off.copy_(x)
+    assert not sk.supported(off, w, b, A, B)                  # a row start not 16-byte aligned
+    with torch.no_grad():                                     # and the no-grad path still computes it
+        y = ops.lora_linear(x[:, ::2], w[:, ::2], b, A[:, ::2], B, 2.0)
+    want = ops.lora_linear_reference(x[:, ::2].float(), w[:, ::2].float(), b.float(), A[:, ::2].float(), B.float(), 2.0)
+    assert rel(y, want) < 1e-2
+
+
 def test_embedding_fast_matches_reference():
     ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     w = torch.randn(20, 6)
