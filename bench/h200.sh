@@ -13,6 +13,9 @@
 #   bash bench/h200.sh s3b-1b      # session 3: GPU tests, 1B training (fused AdamW), W' kernel
 #   bash bench/h200.sh s3d         # session 3: GPU tests, 1B and 8B (eager + compiled), 1B inference
 #   bash bench/h200.sh s3e         # session 3, last: GPU tests after the fusable rework, 1B eager + compiled
+#   bash bench/h200.sh s4a         # session 4: GPU tests of ops, the decoding kernel (sweep), 1B inference
+#   bash bench/h200.sh s4b         # session 4: the same with split-k in the kernel, decoding with the KV cache
+#   bash bench/h200.sh s4c         # session 4: every GPU test, the kernel launched directly, 1B inference
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -58,6 +61,26 @@ case "${1:-}" in
       --out $R/train_step_1b_h200 2>&1 | tee -a "$LOG"
     timeout 100 python3 bench/infer.py --device cuda --size 1b --gen-reps 5 --new-tokens 16 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s4a)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py 2>&1 | tail -5 | tee -a "$LOG"
+    timeout 200 python3 bench/decode_linear.py --sweep --out $R/decode_linear_1b_h200 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/infer.py --device cuda --size 1b --gen-reps 6 --new-tokens 16 \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-merged,peft-bf16}" --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s4b)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py 2>&1 | tail -5 | tee -a "$LOG"
+    timeout 200 python3 bench/decode_linear.py --sweep --out $R/decode_linear_1b_h200 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/infer.py --device cuda --size 1b --gen-reps 6 --new-tokens 32 \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-3ops,lorakit-merged,peft,peft-bf16}" \
+      --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s4c)
+    timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -8 | tee -a "$LOG"
+    timeout 150 python3 bench/decode_linear.py --sweep --out $R/decode_linear_1b_h200 2>&1 | tee -a "$LOG"
+    timeout 150 python3 bench/infer.py --device cuda --size 1b --gen-reps 6 --new-tokens 32 \
+      --variants "${INFER_VARIANTS:-base,lorakit,lorakit-3ops,lorakit-merged,peft,peft-bf16}" \
+      --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3e)
     timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_compiled.py \
