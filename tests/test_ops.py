@@ -380,6 +380,10 @@ def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
     buf = torch.zeros(2 * d, k, device="cuda", dtype=dtype)  # writing into a half of a larger buffer
     ops.merged_weight(w, B, A, 0.75, out=buf[d:])
     assert torch.equal(buf[d:], got) and not buf[:d].any()
+    for _ in range(2):                                       # later calls: the compiled kernel's own launcher
+        assert torch.equal(ops.merged_weight(w, B, A, 0.75), got)
+    want2 = torch.addmm(w.double(), B.double(), A.double(), alpha=-1.5)    # another scale, same launch
+    assert (ops.merged_weight(w, B, A, -1.5).double() - want2).abs().max() <= 8e-3 * want2.abs().max()
 
 
 @pytest.mark.gpu

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
+
 BLOCK_D = 64
 BLOCK_K = 256
 MAX_RANK = 128
@@ -51,14 +53,24 @@ def supported(weight: Tensor, B: Tensor, A: Tensor) -> bool:
             and A.stride(1) == 1 and 0 < A.shape[0] <= MAX_RANK and weight.dtype == B.dtype == A.dtype)
 
 
+_LAUNCHES: dict = {}
+
+
 def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Tensor) -> Tensor:
-    """out = weight + scale * B @ A (out: (d, k), unit stride along k; may not alias weight)."""
+    """out = weight + scale * B @ A (out: (d, k), unit stride along k; may not alias weight).
+
+    Launched through the compiled kernel's own launcher after the first call per shape
+    (``lorakit.kernels.launch``): a training step builds W' hundreds of times."""
     d, k = weight.shape
     r = A.shape[0]
-    R = max(16, triton.next_power_of_2(r))
-    grid = (triton.cdiv(d, BLOCK_D), triton.cdiv(k, BLOCK_K))
-    _merge_kernel[grid](weight, B, A, out, d, k, r, float(scale), weight.stride(0), B.stride(0), A.stride(0),
-                        out.stride(0), R=R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K,
-                        IEEE=weight.dtype == torch.float32, num_warps=8 if R > 32 else 4)
+    strides = (weight.stride(0), B.stride(0), A.stride(0), out.stride(0))
+    key = (d, k, r, strides, weight.dtype, weight.device.index, launch.aligned(weight, B, A, out))
+    run = _LAUNCHES.get(key)
+    if run is None:
+        R = max(16, triton.next_power_of_2(r))
+        run = _LAUNCHES[key] = launch.Direct(
+            _merge_kernel, (triton.cdiv(d, BLOCK_D), triton.cdiv(k, BLOCK_K)),
+            dict(R=R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, IEEE=weight.dtype == torch.float32),
+            num_warps=8 if R > 32 else 4)
+    run(weight, B, A, out, d, k, r, float(scale), *strides)
     return out
-

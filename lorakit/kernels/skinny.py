@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
+
 MAX_ROWS = 64        # above this the GEMMs of the plain form are cheaper than re-reading A per program
 MAX_RANK = 128
 
@@ -110,7 +112,7 @@ def supported(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor) -> bool:
 
 
 def _aligned(*ts) -> bool:
-    return all(t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0) for t in ts)
+    return all(t is None or t.is_contiguous() for t in ts) and all(launch.aligned(*ts))
 
 
 def plan(n: int, d: int, k: int, r: int, itemsize: int = 2) -> tuple[int, ...]:
@@ -136,35 +138,24 @@ def plan(n: int, d: int, k: int, r: int, itemsize: int = 2) -> tuple[int, ...]:
 
 
 class _Launch:
-    """One compiled launch of the kernel for a (rows, layer shape, rank, dtype, bias) key, and
-    the buffers it needs. After the first call (which compiles through the JIT) it launches
-    the compiled kernel directly: Triton's JIT entry binds and specializes every argument on
-    every call, which costs more host time than the three torch kernels it replaces
-    (bench/decode_linear.py)."""
+    """The kernel for one (rows, layer shape, rank, dtype, bias) key and plan, launched
+    through its compiled launcher after the first call (``lorakit.kernels.launch``): Triton's
+    JIT entry cost more host time than the three torch kernels this replaces."""
 
-    __slots__ = ("n", "d", "k", "r", "grid", "consts", "tail", "split", "compiled", "run")
+    __slots__ = ("n", "split", "blocks", "direct")
 
     def __init__(self, n: int, d: int, k: int, r: int, plan_: tuple[int, ...], dtype, has_bias: bool) -> None:
         block_n, block_d, block_k, split, k_per, warps, stages = plan_
-        self.n, self.d, self.k, self.r, self.split = n, d, k, r, split
-        self.grid = (triton.cdiv(d, block_d), split, 1)
-        self.consts = dict(D=d, K=k, r=r, R=max(16, triton.next_power_of_2(r)), HAS_BIAS=has_bias, SPLIT=split,
-                           K_PER=k_per, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k,
-                           IEEE=dtype == torch.float32)
-        self.tail = tuple(self.consts.values())     # the constexprs, in the kernel's order
-        self.compiled = dict(num_warps=warps, num_stages=stages)
-        self.run = None
+        self.n, self.split, self.blocks = n, split, triton.cdiv(d, block_d)
+        self.direct = launch.Direct(
+            _kernel, (self.blocks, split),
+            dict(D=d, K=k, r=r, R=max(16, triton.next_power_of_2(r)), HAS_BIAS=has_bias, SPLIT=split, K_PER=k_per,
+                 BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, IEEE=dtype == torch.float32),
+            num_warps=warps, num_stages=stages)
 
     def __call__(self, x, weight, bias, A, B, scale: float, y: Tensor, ws: Tensor, cnt: Tensor) -> None:
-        args = (x, weight, y if bias is None else bias, A, B, y, ws, cnt, self.n, float(scale))
-        if self.run is not None:
-            self.run(*args, *self.tail)
-            return
-        ck = _kernel[self.grid[:2]](*args, **self.consts, **self.compiled)
-        try:                                         # the compiled kernel's own launcher, for the next calls
-            self.run = ck[self.grid]
-        except (AttributeError, TypeError):          # a Triton without it: keep the JIT entry
-            self.run = lambda *a: _kernel[self.grid[:2]](*a[:10], **self.consts, **self.compiled)
+        # every pointer is 16-byte aligned (``supported``; y, ws and cnt are fresh allocations)
+        self.direct(x, weight, y if bias is None else bias, A, B, y, ws, cnt, self.n, float(scale))
 
 
 _LAUNCHES: dict = {}
@@ -205,29 +196,29 @@ def lora_linear(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor, scale: fl
     if n == 0:
         return y
     key = (n, d, k, r, x.dtype, bias is not None, x.device.index)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _LAUNCHES[key] = _Launch(n, d, k, r, plan(n, d, k, r, x.element_size()), x.dtype, bias is not None)
+    run = _LAUNCHES.get(key)
+    if run is None:
+        run = _LAUNCHES[key] = _Launch(n, d, k, r, plan(n, d, k, r, x.element_size()), x.dtype, bias is not None)
     ws = cnt = y
-    if launch.split > 1:
-        buf = _buffers(x.device, launch.split, n, d, launch.grid[0])
+    if run.split > 1:
+        buf = _buffers(x.device, run.split, n, d, run.blocks)
         if buf is None:                              # first call inside a CUDA graph capture: no split
             p = plan(n, d, k, r, x.element_size())
-            launch = _Launch(n, d, k, r, p[:3] + (1, triton.cdiv(k, p[2]) * p[2]) + p[5:], x.dtype, bias is not None)
+            run = _Launch(n, d, k, r, p[:3] + (1, triton.cdiv(k, p[2]) * p[2]) + p[5:], x.dtype, bias is not None)
         else:
             ws, cnt = buf
-    launch(x, weight, bias, A, B, scale, y, ws, cnt)
+    run(x, weight, bias, A, B, scale, y, ws, cnt)
     return y
 
 
 def launch_plan(x, weight, bias, A, B, scale, y, plan_: tuple[int, ...]) -> Tensor:
-    """One launch with an explicit plan (the benchmark's sweep and the tests; no direct-launch cache)."""
+    """One launch with an explicit plan (the benchmark's sweep and the tests; nothing cached)."""
     d, k = weight.shape
     n = x.numel() // k
     one = _Launch(n, d, k, A.shape[0], plan_, x.dtype, bias is not None)
     ws = cnt = y
     if one.split > 1:
-        buf = _buffers(x.device, one.split, n, d, one.grid[0])
+        buf = _buffers(x.device, one.split, n, d, one.blocks)
         if buf is None:
             raise RuntimeError("lorakit.kernels.skinny: a split-k plan's buffers must exist on this stream before "
                                "a CUDA graph capture (launch it once outside the graph)")

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
+
 BLOCK = 1024
 
 
@@ -56,13 +58,26 @@ def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, I, s_dh, s_gu, s_dgu, BLOCK: tl.constex
     tl.store(dh_ptr + row * s_dh + col, (silu * u).to(dh_ptr.dtype.element_ty), mask=m)
 
 
+_LAUNCHES: dict = {}
+
+
+def _direct(kernel, n: int, i: int, tensors: tuple[Tensor, ...]):
+    """The kernel's launch for these shapes, strides, dtype and alignments (``lorakit.kernels.launch``)."""
+    t = tensors[0]
+    key = (kernel, n, i, tuple(x.stride(0) for x in tensors), t.dtype, t.device.index, launch.aligned(*tensors))
+    run = _LAUNCHES.get(key)
+    if run is None:
+        run = _LAUNCHES[key] = launch.Direct(kernel, (n, triton.cdiv(i, BLOCK)), dict(BLOCK=BLOCK))
+    return run
+
+
 def swiglu_forward(gu: Tensor) -> Tensor:
     """h = silu(g) * u for gu (N, 2I) with unit column stride; returns h (N, I)."""
     n, two_i = gu.shape
     i = two_i // 2
     h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
     if n:
-        _fwd_kernel[(n, triton.cdiv(i, BLOCK))](gu, h, i, gu.stride(0), h.stride(0), BLOCK=BLOCK)
+        _direct(_fwd_kernel, n, i, (gu, h))(gu, h, i, gu.stride(0), h.stride(0))
     return h
 
 
@@ -72,6 +87,5 @@ def swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
     i = two_i // 2
     dgu = torch.empty((n, two_i), dtype=gu.dtype, device=gu.device)
     if n:
-        _bwd_kernel[(n, triton.cdiv(i, BLOCK))](dh, gu, dgu, i, dh.stride(0), gu.stride(0), dgu.stride(0),
-                                                 BLOCK=BLOCK)
+        _direct(_bwd_kernel, n, i, (dh, gu, dgu))(dh, gu, dgu, i, dh.stride(0), gu.stride(0), dgu.stride(0))
     return dgu
