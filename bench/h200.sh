@@ -16,6 +16,7 @@
 #   bash bench/h200.sh s4a         # session 4: GPU tests of ops, the decoding kernel (sweep), 1B inference
 #   bash bench/h200.sh s4b         # session 4: the same with split-k in the kernel, decoding with the KV cache
 #   bash bench/h200.sh s4c         # session 4: every GPU test, the kernel launched directly, 1B inference
+#   bash bench/h200.sh s4d         # session 4, last: GPU tests of the kernels, 1B training with direct launches
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -81,6 +82,14 @@ case "${1:-}" in
     timeout 150 python3 bench/infer.py --device cuda --size 1b --gen-reps 6 --new-tokens 32 \
       --variants "${INFER_VARIANTS:-base,lorakit,lorakit-3ops,lorakit-merged,peft,peft-bf16}" \
       --out $R/infer_1b_h200 2>&1 | tee -a "$LOG"
+    ;;
+  s4d)
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py \
+      tests/test_compiled.py -k "merged_weight or few_rows or swiglu or compiled or fused_matches" 2>&1 \
+      | grep -E "passed|failed|Error|assert" | tail -12 | tee -a "$LOG"
+    timeout 130 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_s4 2>&1 | tee -a "$LOG"
     ;;
   s3e)
     timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_compiled.py \
