@@ -35,7 +35,7 @@ class Direct:
     ``Direct(kernel, grid, dict(BLOCK=...), num_warps=4)(*runtime_args)``.
     """
 
-    __slots__ = ("fn", "grid", "constexprs", "tail", "options", "run")
+    __slots__ = ("fn", "grid", "constexprs", "tail", "options", "launcher", "run")
 
     def __init__(self, fn, grid: tuple[int, ...], constexprs: dict[str, Any], **options: Any) -> None:
         self.fn = fn
@@ -43,18 +43,36 @@ class Direct:
         self.constexprs = constexprs
         self.tail = tuple(constexprs.values())          # in the kernel's order: its last parameters
         self.options = options
+        self.launcher: Optional[Callable] = None
         self.run: Optional[Callable] = None
 
     def __call__(self, *args) -> None:
+        """Launch with the runtime arguments (the kernel's parameters before its constexprs)."""
         if self.run is not None:
-            self.run(*args, *self.tail)
+            self.run(*args)
             return
-        compiled = self.fn[self.grid](*args, **self.constexprs, **self.options)
+        if self.launcher is None:                       # the first call compiles, through the JIT
+            compiled = self.fn[self.grid](*args, **self.constexprs, **self.options)
+            try:
+                self.launcher = compiled[self.grid]
+            except (AttributeError, TypeError):         # a Triton whose launch returns no compiled kernel
+                self.run = self._jit
+            return
+        # The second call settles how the launcher takes its arguments. It parses them before
+        # launching, so a call it refuses (TypeError) launched nothing.
+        launcher, tail = self.launcher, self.tail
         try:
-            self.run = compiled[self.grid]
-        except (AttributeError, TypeError):             # a Triton whose launch returns no compiled kernel
+            launcher(*args, *tail)                      # Triton 3.3 and later: the constexprs too
+            self.run = lambda *a: launcher(*a, *tail)
+            return
+        except TypeError:
+            pass
+        try:
+            launcher(*args)                             # earlier: the runtime arguments alone
+            self.run = launcher
+        except TypeError:
             self.run = self._jit
+            self._jit(*args)
 
     def _jit(self, *args) -> None:
-        n = len(args) - len(self.tail)
-        self.fn[self.grid](*args[:n], **self.constexprs, **self.options)
+        self.fn[self.grid](*args, **self.constexprs, **self.options)
