@@ -147,12 +147,8 @@ def run(args) -> list[dict]:
         with torch.no_grad():
             row["host_nn_linear"] = host_us(lambda: lin(x))
             row["host_lora_linear"] = host_us(lambda: ll(x))
-            saved = kernels._LOADED.get("skinny")
-            kernels._LOADED["skinny"] = None
-            try:
+            with kernels.disabled("skinny"):
                 row["host_lora_linear_plain"] = host_us(lambda: ll(x))
-            finally:
-                kernels._LOADED["skinny"] = saved
             row["host_f_linear"] = host_us(lambda: F.linear(x, w))
             row["host_kernel_call"] = host_us(lambda: sk.lora_linear(x, w, None, A, B, s))
             row["host_plain_ops"] = host_us(lambda: plain(x, w, A, B, s))

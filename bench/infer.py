@@ -98,28 +98,16 @@ class StepClock:
         return scores
 
 
-@contextlib.contextmanager
-def _few_rows_kernel(on: bool):
-    """lorakit's one-launch decoding kernel on (the default) or off (the three-op form)."""
-    from lorakit import kernels
-    saved = kernels._LOADED.get("skinny")
-    if not on:
-        kernels._LOADED["skinny"] = None
-    try:
-        yield
-    finally:
-        if not on:
-            kernels._LOADED["skinny"] = saved
-
-
 def generate_fn(model, args, clock: StepClock):
     from transformers import LogitsProcessorList
+    from lorakit import kernels
     _, prompts = inputs(args, model.config.vocab_size)
     n = 1 + args.new_tokens
 
     def run():
         clock.t.clear()
-        with torch.inference_mode(), _few_rows_kernel(not getattr(model, "_bench_no_kernel", False)):
+        off = kernels.disabled("skinny") if getattr(model, "_bench_no_kernel", False) else contextlib.nullcontext()
+        with torch.inference_mode(), off:
             model.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                            attention_mask=torch.ones_like(prompts), logits_processor=LogitsProcessorList([clock]))
         return [b - a for a, b in zip(clock.t, clock.t[1:])]       # the n steps after the first token

@@ -81,3 +81,11 @@ def test_a_launcher_refusing_both_conventions_falls_back_to_the_jit():
 def test_aligned_reports_each_pointer():
     t = torch.zeros(64, dtype=torch.float32)
     assert launch.aligned(t, None, t[4:], t[1:]) == (True, True, True, False)
+
+
+def test_disabled_switches_a_kernel_module_off_for_a_block():
+    from lorakit import kernels
+    before = kernels.load("merge")
+    with kernels.disabled("merge"):
+        assert kernels.load("merge") is None
+    assert kernels.load("merge") is before

@@ -3,9 +3,10 @@ only where Triton is available (``load``); every kernel has a plain-PyTorch refe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 _LOADED: dict[str, Optional[ModuleType]] = {}
 
@@ -18,3 +19,16 @@ def load(name: str) -> Optional[ModuleType]:
         except ImportError:          # no Triton (CPU-only installs)
             _LOADED[name] = None
     return _LOADED[name]
+
+
+@contextlib.contextmanager
+def disabled(name: str) -> Iterator[None]:
+    """Within the block, ``load(name)`` returns None: the callers run their torch fallback
+    (benchmarks compare the two)."""
+    load(name)
+    saved = _LOADED[name]
+    _LOADED[name] = None
+    try:
+        yield
+    finally:
+        _LOADED[name] = saved
