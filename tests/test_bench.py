@@ -35,3 +35,18 @@ def test_infer_decoding_runs_one_token_per_sequence_per_step(monkeypatch):
     assert len(steps) == args.new_tokens                      # one time per step after the first token
     per_call = set(rows)
     assert (3, 5) in per_call and (3, 1) in per_call and per_call <= {(3, 5), (3, 1)}
+
+
+def test_longest_fitting_sequence_search():
+    from bench.longest_seq import longest
+    for limit_fit in (1024, 1300, 5000, 8192, 100_000):
+        asked = []
+
+        def fits(n):
+            asked.append(n)
+            return n <= limit_fit
+        got = longest(fits, 1024, 256, 65536)
+        assert got == min(limit_fit // 256 * 256, 65536) and got <= limit_fit
+        assert len(asked) <= 2 + 7 + 8                           # doublings, then a bisection to 256
+    assert longest(lambda n: n <= 500, 1024, 256, 65536) is None  # not even the start fits
+    assert longest(lambda n: True, 1024, 256, 3000) == 3000       # capped by the limit
