@@ -35,7 +35,9 @@ Two implementations compute that same function:
   - issues the fewest kernels it can (3 forward, 5 backward; the scale rides on GEMM
     ``alpha``): on a GPU the host's time per launch, times 112 adapted layers, is what a
     training step of a 1B model waits on once the bytes are right;
-  - builds no autograd node at all under ``torch.no_grad`` (inference: the forward alone);
+  - builds no autograd node at all under ``torch.no_grad`` (inference: the forward alone),
+    and on the GPU runs at most 64 rows (decoding) as one Triton launch for the whole layer
+    (``lorakit.kernels.skinny``: decoding is bound by the host's time per launch);
   - runs under ``torch.compile(fullgraph=True)`` as the opaque operator
     ``lorakit::lora_linear`` (lorakit.compiled): the same code, and the compiler never
     sees (nor keeps) W'. With dropout it traces the autograd function.
@@ -230,7 +232,8 @@ class _LoraLinearFn(torch.autograd.Function):
 
 def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], A: Tensor,
                         B: Tensor, scale: float, merged: bool) -> Tensor:
-    """The forward alone (inference): no autograd node, the fewest kernels (2 merged, 3 unmerged)."""
+    """The forward alone (inference): no autograd node, the fewest kernels (2 merged; a few rows
+    on the GPU 1, else 3 unmerged)."""
     dt = x.dtype
     if A.dtype != dt:
         A = A.to(dt)
