@@ -250,8 +250,8 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
             return None
         weights.append(w)
         trainable = trainable or ap["lora_A"].requires_grad or ap["lora_B"].requires_grad
-    dev = "cuda" if x.is_cuda else x.device.type
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype:
+    cast_to = ops.autocast_dtype(x)
+    if cast_to is not None and cast_to != x.dtype:
         return None        # autocast would cast x and the weights; in x's own dtype it casts only A and B, as the node does
     if torch.compiler.is_compiling():
         from . import compiled

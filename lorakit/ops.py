@@ -133,6 +133,20 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optio
     return torch.addmm(weight, B, A, alpha=scale, out=out)
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on x's device, or None when autocast is off there.
+
+    Runs once per adapted layer per call: one global check first (autocast is usually off),
+    and the device name only when it is on (``x.device`` builds an object)."""
+    if _ANY_AUTOCAST is not None and not torch.compiler.is_compiling() and not _ANY_AUTOCAST():
+        return None
+    dev = "cuda" if x.is_cuda else x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -258,8 +272,7 @@ def lora_linear_nograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Ten
                        scale: float) -> Tensor:
     """``lora_linear`` for callers that know gradients are off and there is no dropout: the
     same checks (autocast, dtypes) and forms, with less host time per call."""
-    dev = "cuda" if x.is_cuda else x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_dtype(x) is not None:
         return _lora_linear_autocast(x, weight, bias, A, B, scale, None, "auto")
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
@@ -280,7 +293,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, A, B, scale, x_drop)
-    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):     # (x.device builds an object)
+    if autocast_dtype(x) is not None:
         return _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode)
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
