@@ -17,7 +17,8 @@
 #   bash bench/h200.sh s4b         # session 4: the same with split-k in the kernel, decoding with the KV cache
 #   bash bench/h200.sh s4c         # session 4: every GPU test, the kernel launched directly, 1B inference
 #   bash bench/h200.sh s4d         # session 4, last: GPU tests of the kernels, 1B training with direct launches
-#   bash bench/h200.sh s5          # next: every GPU test, 1B training (eager + compiled), the longest sequence
+#   bash bench/h200.sh s5          # next: every GPU test, 1B training (eager + compiled, with and without +gs)
+#   bash bench/h200.sh s5b         # next: the longest training sequence per variant at the 1B shape
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -94,10 +95,12 @@ case "${1:-}" in
     ;;
   s5)
     timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -8 | tee -a "$LOG"
-    timeout 130 python3 bench/train_step.py --device cuda --size 1b \
-      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" \
+    timeout 200 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+gs,bound+compile,lorakit+compile,lorakit+gs+compile}" \
       --out $R/train_step_1b_h200_s5 2>&1 | tee -a "$LOG"
-    timeout 300 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \
+    ;;
+  s5b)
+    timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \
       --out $R/longest_seq_1b_h200 2>&1 | tee -a "$LOG"
     ;;
   s3e)

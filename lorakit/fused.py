@@ -89,6 +89,23 @@ def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
     return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
 
 
+# Experimental (off until measured on the GPU: bench/train_step.py's "+gs" variants): the SwiGLU
+# backward kernel also computes gs = [sg dg Bg | su du Bu] while dg and du are in registers,
+# sparing the GEMM that reads dgu, (N, 2I), once more (lorakit.kernels.swiglu.swiglu_backward_gs).
+FUSED_GS = False
+
+
+def _swiglu_backward_gs(dh: Tensor, gu: Tensor, bgc: Tensor, buc: Tensor, sg: float, su: float,
+                        need_gs: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """([dg | du] (N, 2I), gs = [sg dg Bg | su du Bu] (N, rg + ru) or None); overwrites dh with h."""
+    if need_gs and FUSED_GS and gu.is_cuda and bgc.is_contiguous() and buc.is_contiguous():
+        k = kernels.load("swiglu")
+        if k is not None:
+            return k.swiglu_backward_gs(dh, gu, bgc, buc, sg, su)
+    dgu = _swiglu_backward(dh, gu)
+    return dgu, (torch.mm(dgu, torch.block_diag(bgc * sg, buc * su)) if need_gs else None)
+
+
 # ---------------------------------------------------------------------------- the node
 def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
                     sg: float, su: float) -> Tensor:
@@ -126,13 +143,12 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, xas: Optional[Te
     dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))                 # dY W'd  (N, I)
     gsd = torch.mm(dy2, bdc * sd) if need_ad else None                      # sd dY Bd  (N, rd)
     dBd = torch.mm(dy2.t(), has) if need_bd else None                       # sd dY^T (h Ad^T): (H, rd)
-    dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
+    dgu, gs = _swiglu_backward_gs(dh, gu, bgc, buc, sg, su, need_ag or need_au)   # [dg | du] (N, 2I); dh := h
     dAd = torch.mm(gsd.t(), dh) if need_ad else None                        # (rd, I)
     del dh
     dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)) if need_x else None   # (N, H)
     dAg = dAu = dBg = dBu = None
     if need_ag or need_au:
-        gs = torch.mm(dgu, torch.block_diag(bgc * sg, buc * su))            # [sg dg Bg | su du Bu] (N, rg+ru)
         dA = torch.mm(gs.t(), x2)                                            # (rg + ru, H)
         dAg, dAu = dA[:rg], dA[rg:]
     if need_bg or need_bu:                                                  # contiguous (I, r) results
