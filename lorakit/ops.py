@@ -272,8 +272,9 @@ def lora_linear_nograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Ten
                        scale: float) -> Tensor:
     """``lora_linear`` for callers that know gradients are off and there is no dropout: the
     same checks (autocast, dtypes) and forms, with less host time per call."""
-    if autocast_dtype(x) is not None:
-        return _lora_linear_autocast(x, weight, bias, A, B, scale, None, "auto")
+    cast_to = autocast_dtype(x)
+    if cast_to is not None:
+        return _lora_linear_autocast(x, weight, bias, A, B, scale, None, "auto", cast_to)
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
     d, k = weight.shape
@@ -293,8 +294,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, A, B, scale, x_drop)
-    if autocast_dtype(x) is not None:
-        return _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode)
+    cast_to = autocast_dtype(x)
+    if cast_to is not None:
+        return _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode, cast_to)
     if weight.dtype != x.dtype:
         raise TypeError(f"lora_linear: input dtype {x.dtype} differs from the base weight's {weight.dtype}")
     grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
@@ -313,10 +315,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B:
     return _lora_linear_nograd(x, x_drop, weight, bias, A, B, scale, merged)
 
 
-def _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode):
-    """lora_linear under autocast: operands cast to the autocast dtype, then autocast off."""
+def _lora_linear_autocast(x, weight, bias, A, B, scale, x_drop, mode, dt: torch.dtype):
+    """lora_linear under autocast: operands cast to the autocast dtype ``dt``, then autocast off."""
     dev = x.device.type
-    dt = torch.get_autocast_dtype(dev)
     x, weight = x.to(dt), weight.to(dt)
     x_drop = x_drop.to(dt) if x_drop is not None else None
     bias = bias.to(dt) if bias is not None else None

@@ -89,3 +89,13 @@ def test_disabled_switches_a_kernel_module_off_for_a_block():
     with kernels.disabled("merge"):
         assert kernels.load("merge") is None
     assert kernels.load("merge") is before
+
+
+def test_key_fixes_ints_strides_dtype_and_alignment():
+    t = torch.zeros(8, 16)
+    base = launch.key("k", (8, 16), t, t)
+    assert launch.key("k", (8, 16), t, t) == base
+    assert launch.key("k", (8, 32), t, t) != base                        # an integer argument
+    assert launch.key("k", (8, 16), t, t.t().contiguous()) != base       # a row stride
+    assert launch.key("k", (8, 16), t.double(), t.double()) != base      # the dtype
+    assert launch.key("k", (8, 16), t, t.view(-1)[1:].view(1, -1)) != base  # an unaligned pointer (and stride)

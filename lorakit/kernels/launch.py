@@ -29,6 +29,13 @@ def aligned(*ts: Optional[Tensor]) -> tuple[bool, ...]:
     return tuple(t is None or t.data_ptr() % 16 == 0 for t in ts)
 
 
+def key(kernel, ints: tuple, *tensors: Tensor) -> tuple:
+    """A ``Direct`` cache key for ``kernel`` launched on ``tensors`` (the first fixes dtype and
+    device) whose integer arguments are ``ints`` plus the tensors' row strides."""
+    t = tensors[0]
+    return (kernel, ints, tuple(x.stride(0) for x in tensors), t.dtype, t.device.index, aligned(*tensors))
+
+
 class Direct:
     """One launch configuration of a ``@triton.jit`` kernel: grid, constexprs and options fixed.
 

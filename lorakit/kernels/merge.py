@@ -63,8 +63,7 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Tenso
     (``lorakit.kernels.launch``): a training step builds W' hundreds of times."""
     d, k = weight.shape
     r = A.shape[0]
-    strides = (weight.stride(0), B.stride(0), A.stride(0), out.stride(0))
-    key = (d, k, r, strides, weight.dtype, weight.device.index, launch.aligned(weight, B, A, out))
+    key = launch.key(_merge_kernel, (d, k, r), weight, B, A, out)
     run = _LAUNCHES.get(key)
     if run is None:
         R = max(16, triton.next_power_of_2(r))
@@ -72,5 +71,5 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Tenso
             _merge_kernel, (triton.cdiv(d, BLOCK_D), triton.cdiv(k, BLOCK_K)),
             dict(R=R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, IEEE=weight.dtype == torch.float32),
             num_warps=8 if R > 32 else 4)
-    run(weight, B, A, out, d, k, r, float(scale), *strides)
+    run(weight, B, A, out, d, k, r, float(scale), weight.stride(0), B.stride(0), A.stride(0), out.stride(0))
     return out

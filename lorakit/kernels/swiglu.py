@@ -104,8 +104,7 @@ _LAUNCHES: dict = {}
 
 def _direct(kernel, n: int, i: int, tensors: tuple[Tensor, ...]):
     """The kernel's launch for these shapes, strides, dtype and alignments (``lorakit.kernels.launch``)."""
-    t = tensors[0]
-    key = (kernel, n, i, tuple(x.stride(0) for x in tensors), t.dtype, t.device.index, launch.aligned(*tensors))
+    key = launch.key(kernel, (n, i), *tensors)
     run = _LAUNCHES.get(key)
     if run is None:
         run = _LAUNCHES[key] = launch.Direct(kernel, (n, triton.cdiv(i, BLOCK)), dict(BLOCK=BLOCK))
@@ -148,9 +147,7 @@ def swiglu_backward_gs(dh: Tensor, gu: Tensor, bg: Tensor, bu: Tensor, sg: float
     dgu = torch.empty((n, two_i), dtype=gu.dtype, device=gu.device)
     gs = torch.empty((n, rg + ru), dtype=gu.dtype, device=gu.device)
     if n:
-        tensors = (dh, gu, dgu, bg, bu, gs)
-        key = ("gs", n, i, rg, ru, tuple(t.stride(0) for t in tensors), gu.dtype, gu.device.index,
-               launch.aligned(*tensors))
+        key = launch.key(_bwd_gs_kernel, (n, i, rg, ru), dh, gu, dgu, bg, bu, gs)
         run = _LAUNCHES.get(key)
         if run is None:
             run = _LAUNCHES[key] = launch.Direct(
