@@ -26,9 +26,11 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
 
 Columns: tokens/s and step ms (median), x bound (the eager bound; compiled variants: the
 compiled bound), x PEFT (same rank and mode), peak GiB (CUDA), saved MiB (what autograd keeps
-for backward, weights excluded; eager only), CPU-time ms (process CPU time per step: on CPU
-the compute itself; on CUDA the host spin-waits in synchronize, so it only says the host was
-busy), spread ((max - min) / median).
+for backward, weights excluded; eager only), host fwd / bwd ms (how long the forward and the
+backward took to *return* on the host, no synchronisation: on a GPU, when their sum nears the
+step time the host, not the GPU, sets the pace; ``--timeline`` shows where the GPU waits),
+spread ((max - min) / median). The JSON also has the process CPU time per step (on CPU the
+compute itself; on CUDA the host spin-waits in synchronize).
 
 Usage::
 
@@ -40,14 +42,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import common  # noqa: E402
+from bench import common, timeline  # noqa: E402
 
 CPU_VARIANTS = "bound,full,peft,lorakit,lorakit+fused-loss"
 GPU_VARIANTS = ("bound,full,peft,peft-bf16,lorakit,lorakit-fp32,lorakit+fused-loss,peft@r64,peft-bf16@r64,lorakit@r64,"
@@ -131,13 +136,24 @@ def make_step(v: dict, model, opt, ids, labels):
     def forward_loss():
         return loss_fn(backbone(input_ids=ids).last_hidden_state, head_w, labels)
 
+    host = []                                       # per step: host seconds of forward, backward, optimizer
+
     def step():
-        loss = forward_loss()
-        loss.backward()
+        t0 = time.perf_counter()
+        with record_function("phase:forward"):       # (three ranges per step: bench/timeline.py reads them)
+            loss = forward_loss()
+        t1 = time.perf_counter()
+        with record_function("phase:backward"):
+            loss.backward()
+        t2 = time.perf_counter()
         if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with record_function("phase:optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        host.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return loss
+
+    step.host = host
 
     return step, forward_loss
 
@@ -155,7 +171,9 @@ def prepare(v: dict, args, dtype) -> dict:
 def result_row(p: dict, args) -> dict:
     v, times = p["v"], p["times"]
     med = common.median(times)
-    return dict(variant=v["name"], r=v["r"] if v["kind"] in ("peft", "lorakit") else None,
+    host = p["step"].host[-len(times):] if times else []      # the timed steps' (the last ones)
+    hf, hb = (common.median([h[i] for h in host]) * 1e3 if host else None for i in (0, 1))
+    return dict(host_fwd_ms=hf, host_bwd_ms=hb,variant=v["name"], r=v["r"] if v["kind"] in ("peft", "lorakit") else None,
                 step_ms=med * 1e3, tokens_per_s=args.batch * args.seq / med,
                 cpu_step_ms=common.median(p["cpu_times"]) * 1e3 if p["cpu_times"] else None,
                 peak_gib=p.get("peak"), saved_mib=p["saved"], spread=(max(times) - min(times)) / med)
@@ -172,6 +190,22 @@ def profile_step(p: dict, args) -> str:
     return f"== {p['v']['name']}\n" + prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=60)
 
 
+def timeline_step(p: dict, args) -> str:
+    """Where one step's GPU waits (bench/timeline.py): a profiled step after the timed ones."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        common.sync(args.device)
+        p["step"]()
+        common.sync(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return timeline.report(timeline.analyze(json.load(f)), p["v"]["name"])
+
+
 def run_sequential(v: dict, args, dtype) -> dict:
     """One variant alone on the device (GPU: its peak memory is its own)."""
     common.reset_peak(args.device)
@@ -183,6 +217,12 @@ def run_sequential(v: dict, args, dtype) -> dict:
     if v["name"] in args.profile and args.out:
         with open(args.out + ".profile.txt", "a") as f:
             f.write(profile_step(p, args) + "\n\n")
+    if v["name"] in args.timeline:
+        text = timeline_step(p, args)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out + ".timeline.txt", "a") as f:
+                f.write(text + "\n\n")
     p.clear()
     common.free()
     return row
@@ -230,7 +270,8 @@ def add_ratios(rows: list[dict]) -> None:
 COLUMNS = [("variant", "variant", ""), ("tokens_per_s", "tokens/s", "{:,.0f}"), ("step_ms", "step ms", "{:.1f}"),
            ("x_bound", "x bound", "{:.3f}"), ("x_peft", "x PEFT", "{:.2f}"), ("x_peft_bf16", "x PEFT-bf16", "{:.2f}"),
            ("peak_gib", "peak GiB", "{:.2f}"), ("mem_x_bound", "mem x bound", "{:.3f}"),
-           ("saved_mib", "saved MiB", "{:,.0f}"), ("cpu_step_ms", "CPU-time ms", "{:.0f}"),
+           ("saved_mib", "saved MiB", "{:,.0f}"), ("host_fwd_ms", "host fwd ms", "{:.1f}"),
+           ("host_bwd_ms", "host bwd ms", "{:.1f}"),
            ("spread", "spread", "{:.0%}")]
 
 
@@ -246,6 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None)
     p.add_argument("--sequential", action="store_true", help="cpu: one variant after another, not interleaved")
     p.add_argument("--profile", default="", help="comma-separated variants to profile one step of (STEM.profile.txt)")
+    p.add_argument("--timeline", default="", help="comma-separated variants whose GPU idle time to report "
+                   "per phase (STEM.timeline.txt, bench/timeline.py)")
     p.add_argument("--out", default=None, help="result stem (writes STEM.json and STEM.md)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -259,8 +302,10 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.float32 if cpu else torch.bfloat16
     args.profile = [x for x in args.profile.split(",") if x]
-    if args.out and os.path.exists(args.out + ".profile.txt"):
-        os.remove(args.out + ".profile.txt")
+    args.timeline = [x for x in args.timeline.split(",") if x]
+    for ext in (".profile.txt", ".timeline.txt"):
+        if args.out and os.path.exists(args.out + ext):
+            os.remove(args.out + ext)
     specs = [parse_variant(s) for s in (args.variants or (CPU_VARIANTS if cpu else GPU_VARIANTS)).split(",")]
     meta = common.env_info(args.device)
     s = common.SIZES[args.size]

@@ -50,3 +50,38 @@ def test_longest_fitting_sequence_search():
         assert len(asked) <= 2 + 7 + 8                           # doublings, then a bisection to 256
     assert longest(lambda n: n <= 500, 1024, 256, 65536) is None  # not even the start fits
     assert longest(lambda n: True, 1024, 256, 3000) == 3000       # capped by the limit
+
+
+def _trace():
+    """A hand-made trace: forward launches k1 and k2 (queued behind k1); backward launches k3,
+    which the GPU starts 35 us after the launch returned, after 58 us of idle GPU."""
+    ev = [
+        dict(ph="X", cat="user_annotation", name="phase:forward", ts=0, dur=100, tid=1),
+        dict(ph="X", cat="user_annotation", name="phase:backward", ts=100, dur=100, tid=1),
+        dict(ph="X", cat="cpu_op", name="_LoraLinearFn", ts=5, dur=40, tid=1),
+        dict(ph="X", cat="cpu_op", name="aten::mm", ts=10, dur=20, tid=1),
+        dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=15, dur=5, tid=1, args=dict(correlation=1)),
+        dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=50, dur=5, tid=1, args=dict(correlation=2)),
+        dict(ph="X", cat="cpu_op", name="Backward", ts=110, dur=30, tid=2),
+        dict(ph="X", cat="cuda_runtime", name="cudaLaunchKernel", ts=120, dur=5, tid=2, args=dict(correlation=3)),
+        dict(ph="X", cat="kernel", name="k1", ts=22, dur=50, args=dict(correlation=1)),
+        dict(ph="X", cat="kernel", name="k2", ts=72, dur=30, args=dict(correlation=2)),
+        dict(ph="X", cat="kernel", name="k3", ts=160, dur=10, args=dict(correlation=3)),
+    ]
+    return {"traceEvents": ev}
+
+
+def test_timeline_splits_idle_gpu_time_into_phases_and_starved_gaps():
+    from bench import timeline
+    res = timeline.analyze(_trace(), slack_us=15)
+    fw, bw = res["phases"]["forward"], res["phases"]["backward"]
+    assert fw["kernels"] == 2 and fw["gpu_busy_ms"] == 0.080 and fw["gpu_span_ms"] == 0.080
+    assert fw["idle_ms"] == 0.0 and fw["starved_ms"] == 0.0          # k1 is the first kernel: no gap before it
+    assert bw["kernels"] == 1 and bw["idle_ms"] == 0.058            # 102 -> 160
+    assert bw["starved_ms"] == 0.0                                  # k3 started 35 us after its launch returned
+    res = timeline.analyze(_trace(), slack_us=40)
+    assert res["phases"]["backward"]["starved_ms"] == 0.058
+    assert res["starved_by_op_ms"] == {"Backward": 0.058}
+    assert res["step"]["gpu_busy_ms"] == 0.09 and res["step"]["wall_ms"] == 0.17
+    text = timeline.report(res, "x")
+    assert "backward" in text and "Backward" in text

@@ -1,0 +1,211 @@
+"""Host time: what the CPU spends per training step and per operation, where the GPU waits on it.
+
+At the 1B shape a LoRA training step on the H200 is partly bound by the host: the GPU is idle
+while the host launches the next kernel (``bench/train_step.py --timeline``). This benchmark
+takes the GPU's work out of the picture to measure the host's side alone:
+
+* **steps**: the Llama model of ``--size tiny`` (hidden 64, 16 layers: every kernel takes a few
+  microseconds on the GPU) with batch 1 x ``--seq`` 128 tokens, large enough for the same forms
+  as the 1B shape (merged W', fused MLP). Host ms of the forward (until it returns, no sync),
+  of the backward, and of the whole step (synchronised), for the frozen bound, lorakit and PEFT;
+  the medians of rounds that run every variant in turn.
+* **ops**: host microseconds per call of the pieces a LoRA layer is built from, from back-to-back
+  calls on small tensors (``torch.mm``, a Triton launch through the JIT entry and through
+  ``lorakit.kernels.launch.Direct``, an empty ``autograd.Function``, a whole LoRA linear forward
+  and backward against ``nn.Linear``'s).
+
+``--profile`` adds torch.profiler's table of one lorakit step sorted by host time.
+Results: ``--out STEM`` writes STEM.json and STEM.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common, train_step  # noqa: E402
+
+TINY = dict(hidden=64, layers=16, inter=256, heads=4, kv=2, vocab=256, tie=False)
+
+
+def _sync(device: str) -> None:
+    common.sync(device)
+
+
+def step_costs(variants: list[str], args, dtype) -> list[dict]:
+    """Host ms per phase for each variant, stepped in turn for ``args.rounds`` rounds."""
+    ps = []
+    for name in variants:
+        v = train_step.parse_variant(name)
+        model = common.build_llama(TINY, args.device, dtype, seed=0)
+        ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
+        opt = train_step.setup(v, model)
+        _, forward_loss = train_step.make_step(v, model, opt, ids, labels)
+        ps.append(dict(name=name, fl=forward_loss, opt=opt, model=model, f=[], b=[], o=[], s=[]))
+
+    def one(p):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        loss = p["fl"]()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if p["opt"] is not None:
+            p["opt"].step()
+            p["opt"].zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        _sync(args.device)
+        t4 = time.perf_counter()
+        for k, t in zip("fbos", (t1 - t0, t2 - t1, t3 - t2, t4 - t0)):
+            p[k].append(t * 1e3)
+
+    for p in ps:
+        for _ in range(5):
+            one(p)
+        for k in "fbos":
+            p[k].clear()
+    for i in range(args.rounds):
+        for p in (ps if i % 2 == 0 else ps[::-1]):
+            one(p)
+    rows = []
+    for p in ps:
+        med = {k: common.median(p[k]) for k in "fbos"}
+        rows.append(dict(kind="step", name=p["name"], forward_ms=med["f"], backward_ms=med["b"],
+                         optimizer_ms=med["o"], step_ms=med["s"]))
+    bound = next((r for r in rows if r["name"] == "bound"), None)
+    for r in rows:
+        if bound:
+            r["extra_ms"] = r["forward_ms"] + r["backward_ms"] - bound["forward_ms"] - bound["backward_ms"]
+    return rows
+
+
+def _per_call_us(fn, device: str, calls: int) -> float:
+    """Median over 5 repeats of host microseconds per call for ``calls`` back-to-back calls."""
+    for _ in range(20):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+        _sync(device)
+    return common.median(out)
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def op_costs(args, dtype) -> list[dict]:
+    import lorakit
+    from lorakit import ops
+    dev = args.device
+    n, d, r = 128, 64, 16
+    x = torch.randn(n, d, device=dev, dtype=dtype)
+    w = torch.randn(d, d, device=dev, dtype=dtype)
+    A = torch.randn(r, d, device=dev, dtype=dtype)
+    B = torch.randn(d, r, device=dev, dtype=dtype)
+    out = torch.empty_like(w)
+    cases = [("torch.mm (128x64 @ 64x64)", lambda: torch.mm(x, w)),
+             ("F.linear", lambda: F.linear(x, w)),
+             ("ops.merged_weight (W', 64x64, r=16)", lambda: ops.merged_weight(w, B, A, 2.0, out=out))]
+    if dev.startswith("cuda"):
+        from lorakit import kernels
+        mk = kernels.load("merge")
+        if mk is not None:
+            cases.append(("Triton JIT entry (the W' kernel)", lambda: mk._merge_kernel[(1, 1)](
+                w, B, A, out, d, d, r, 2.0, w.stride(0), B.stride(0), A.stride(0), out.stride(0),
+                R=16, BLOCK_D=mk.BLOCK_D, BLOCK_K=mk.BLOCK_K, IEEE=False, num_warps=4)))
+    xg = x.clone().requires_grad_(True)
+    cases.append(("autograd.Function.apply (identity, forward)", lambda: _Identity.apply(xg)))
+
+    base = torch.nn.Linear(d, d, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+    model = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False, device=dev, dtype=dtype))
+    model.requires_grad_(False)
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=["0"]))
+    layer = model[0]
+    gy = torch.randn(n, d, device=dev, dtype=dtype)
+
+    def fb(mod):
+        def run():
+            y = mod(xg)
+            y.backward(gy)
+        return run
+
+    cases += [("nn.Linear forward + backward (frozen, dX only)", fb(base)),
+              ("LoraLinear forward + backward", fb(layer))]
+    rows = []
+    for name, fn in cases:
+        rows.append(dict(kind="op", name=name, host_us=_per_call_us(fn, dev, args.calls)))
+        print(f"  {name:<52} {rows[-1]['host_us']:8.1f} us", flush=True)
+    return rows
+
+
+def profile_table(args, dtype) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    v = train_step.parse_variant("lorakit")
+    model = common.build_llama(TINY, args.device, dtype, seed=0)
+    ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
+    opt = train_step.setup(v, model)
+    step, _ = train_step.make_step(v, model, opt, ids, labels)
+    for _ in range(5):
+        step()
+    _sync(args.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(args.device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", default="bound,lorakit,peft-bf16")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    rows = step_costs(args.variants.split(","), args, dtype)
+    for r in rows:
+        print(f"{r['name']:<16} forward {r['forward_ms']:7.2f}  backward {r['backward_ms']:7.2f}  "
+              f"optimizer {r['optimizer_ms']:6.2f}  step {r['step_ms']:7.2f} ms (host)", flush=True)
+    rows += op_costs(args, dtype)
+    if args.profile:
+        print(profile_table(args, dtype))
+    meta = common.env_info(args.device)
+    meta.update(title=f"Host time per step and per operation, {args.device}", seq=args.seq, rounds=args.rounds,
+                setup=f"Llama shape hidden 64, 16 layers, MLP 256 (GPU work negligible), batch 1 x {args.seq}, "
+                      f"{str(dtype).replace('torch.', '')}, LoRA r=16 on the 7 projections; medians of "
+                      f"{args.rounds} rounds (steps) and of 5 x {args.calls} back-to-back calls (ops).")
+    cols = [("name", "what", ""), ("forward_ms", "forward ms", "{:.2f}"), ("backward_ms", "backward ms", "{:.2f}"),
+            ("optimizer_ms", "optimizer ms", "{:.2f}"), ("step_ms", "step ms (synced)", "{:.2f}"),
+            ("extra_ms", "fwd+bwd over bound ms", "{:.2f}"), ("host_us", "host us per call", "{:.1f}")]
+    table = common.markdown_table(rows, cols)
+    print("\n" + table)
+    if args.out:
+        common.write_results(args.out, meta, rows, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
