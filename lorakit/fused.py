@@ -89,46 +89,25 @@ def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
     return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
 
 
-# Experimental (off until measured on the GPU: bench/train_step.py's "+gs" variants): the SwiGLU
-# backward kernel also computes gs = [sg dg Bg | su du Bu] while dg and du are in registers,
-# sparing the GEMM that reads dgu, (N, 2I), once more (lorakit.kernels.swiglu.swiglu_backward_gs).
-FUSED_GS = False
-
-
-def _swiglu_backward_gs(dh: Tensor, gu: Tensor, bgc: Tensor, buc: Tensor, sg: float, su: float,
-                        need_gs: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """([dg | du] (N, 2I), gs = [sg dg Bg | su du Bu] (N, rg + ru) or None); overwrites dh with h."""
-    if need_gs and FUSED_GS and gu.is_cuda and bgc.is_contiguous() and buc.is_contiguous():
-        k = kernels.load("swiglu")
-        if k is not None:
-            return k.swiglu_backward_gs(dh, gu, bgc, buc, sg, su)
-    dgu = _swiglu_backward(dh, gu)
-    return dgu, (torch.mm(dgu, torch.block_diag(bgc * sg, buc * su)) if need_gs else None)
-
-
 # ---------------------------------------------------------------------------- the node
 def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
                     sg: float, su: float) -> Tensor:
-    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), each half written in place (ops.merged_weight)."""
-    i, h = wg.shape
-    w = torch.empty((2 * i, h), dtype=wg.dtype, device=wg.device)
-    ops.merged_weight(wg, bg, ag, sg, out=w[:i])
-    ops.merged_weight(wu, bu, au, su, out=w[i:])
-    return w
+    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H) (``ops.stacked_merged_weight``: one launch on the GPU)."""
+    return ops.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su])
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
                 need_xas: bool, need_has: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """(y (N, H), gu (N, 2I), xas, has) for x2 (N, H); adapter weights already in x's dtype.
 
-    xas = x [sg Ag; su Au]^T (N, rg + ru) and has = sd h Ad^T (N, rd) are for the dB's only
-    (computed when asked): the scales are folded into the A's.
+    xas = x [Ag; Au]^T (N, rg + ru) and has = h Ad^T (N, rd) are for the dB's only (computed
+    when asked; their scales ride on the dB GEMMs' alpha).
     """
     gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su).t())   # (N, 2I) = [g | u]
     h = _swiglu_forward(gu)                                                 # (N, I)
     y = torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t())                # (N, H)
-    xas = torch.mm(x2, torch.cat([agc * sg, auc * su]).t()) if need_xas else None
-    has = torch.mm(h, (adc * sd).t()) if need_has else None
+    xas = torch.mm(x2, torch.cat([agc, auc]).t()) if need_xas else None
+    has = torch.mm(h, adc.t()) if need_has else None
     return y, gu, xas, has
 
 
@@ -136,24 +115,31 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, xas: Optional[Te
                  wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
                  need: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
     """(dx, dAg, dBg, dAu, dBu, dAd, dBd) of ``mlp_forward`` for dY (N, H), in x's dtype;
-    ``need`` flags the same seven."""
+    ``need`` flags the same seven.
+
+    The scales ride on GEMM ``alpha``: ``addmm(c, a, b, beta=0, alpha=s)`` computes s a b and
+    ignores c (any tensor that broadcasts to the result: here the adapter weight of the result's
+    shape, or a row of W0)."""
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
     rg = agc.shape[0]
     dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))                 # dY W'd  (N, I)
-    gsd = torch.mm(dy2, bdc * sd) if need_ad else None                      # sd dY Bd  (N, rd)
-    dBd = torch.mm(dy2.t(), has) if need_bd else None                       # sd dY^T (h Ad^T): (H, rd)
-    dgu, gs = _swiglu_backward_gs(dh, gu, bgc, buc, sg, su, need_ag or need_au)   # [dg | du] (N, 2I); dh := h
-    dAd = torch.mm(gsd.t(), dh) if need_ad else None                        # (rd, I)
+    gd = torch.mm(dy2, bdc) if need_ad else None                            # dY Bd  (N, rd)
+    dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
+    dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
+    dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
     del dh
     dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)) if need_x else None   # (N, H)
     dAg = dAu = dBg = dBu = None
     if need_ag or need_au:
-        dA = torch.mm(gs.t(), x2)                                            # (rg + ru, H)
+        same = sg == su
+        bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
+        gs = torch.mm(dgu, bd)                                              # [dg Bg | du Bu] (N, rg + ru) (times s)
+        dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # (rg + ru, H)
         dAg, dAu = dA[:rg], dA[rg:]
     if need_bg or need_bu:                                                  # contiguous (I, r) results
-        dBg = torch.mm(dgu[:, :i].t(), xas[:, :rg])                         # sg dg^T (x Ag^T)
-        dBu = torch.mm(dgu[:, i:].t(), xas[:, rg:])                         # su du^T (x Au^T)
+        dBg = torch.addmm(bgc, dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=sg)   # sg dg^T (x Ag^T)
+        dBu = torch.addmm(buc, dgu[:, i:].t(), xas[:, rg:], beta=0, alpha=su)   # su du^T (x Au^T)
     return dx, dAg, dBg, dAu, dBu, dAd, dBd
 
 

@@ -319,41 +319,6 @@ def test_gpu_fused_bfloat16(monkeypatch):
     check_bfloat16(monkeypatch, "cuda")
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n,i,rg,ru", [(1, 8, 4, 4), (77, 1000, 16, 8), (300, 1536, 16, 16), (64, 8192, 64, 1)])
-def test_gpu_swiglu_backward_with_gs_matches_reference(dtype, n, i, rg, ru):
-    """The experimental SwiGLU backward that also computes gs (fused.FUSED_GS), against the
-    reference pass followed by the GEMM it replaces."""
-    from lorakit.kernels import swiglu
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    gu = (torch.randn(n, 2 * i, device="cuda", generator=gen) * 3).to(dtype)
-    dh = torch.randn(n, i, device="cuda", generator=gen).to(dtype)
-    bg = torch.randn(i, rg, device="cuda", generator=gen).to(dtype)
-    bu = torch.randn(i, ru, device="cuda", generator=gen).to(dtype)
-    a, b = dh.clone(), dh.clone()
-    for _ in range(2):                                        # the second call: the direct launch
-        a.copy_(dh)
-        dgu, gs = swiglu.swiglu_backward_gs(a, gu, bg, bu, 0.5, 2.0)
-    want = fused.swiglu_backward_reference(b, gu)
-    gs_want = torch.mm(want.double(), torch.block_diag(bg.double() * 0.5, bu.double() * 2.0))
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (dgu.double() - want.double()).norm() <= tol * want.double().norm()
-    assert (a.double() - b.double()).norm() <= tol * b.double().norm()
-    assert (gs.double() - gs_want).norm() <= tol * gs_want.norm()
-
-
-@pytest.mark.gpu
-@cuda
-def test_gpu_fused_gs_switch_gives_the_same_gradients(monkeypatch):
-    model = lora_llama().cuda()
-    want = loss_and_grads(model, IDS.cuda())
-    monkeypatch.setattr(fused, "FUSED_GS", True)
-    got = loss_and_grads(model, IDS.cuda())
-    assert_close(got, want, 1e-5)
-
-
 def test_compiled_layers_share_one_graph():
     """Regional compilation (one compile per decoder layer, as bench/train_step.py does): two
     graphs for four layers (layer 0's input needs no gradient), none per layer (no guard on a

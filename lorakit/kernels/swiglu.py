@@ -58,47 +58,6 @@ def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, I, s_dh, s_gu, s_dgu, BLOCK: tl.constex
     tl.store(dh_ptr + row * s_dh + col, (silu * u).to(dh_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _bwd_gs_kernel(dh_ptr, gu_ptr, dgu_ptr, bg_ptr, bu_ptr, gs_ptr, N, rg, ru, sg, su, s_dh, s_gu, s_dgu, s_gs,
-                   I: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
-                   IEEE: tl.constexpr):
-    """``_bwd_kernel`` for BLOCK_N rows over all I columns, which also accumulates
-    gs = [sg dg Bg | su du Bu] (BLOCK_N, rg + ru) while dg and du are in registers."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mrow = rows < N
-    r64 = rows.to(tl.int64)[:, None]
-    rrg = tl.arange(0, RG)
-    rru = tl.arange(0, RU)
-    acc_g = tl.zeros((BLOCK_N, RG), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, RU), dtype=tl.float32)
-    ty = dgu_ptr.dtype.element_ty
-    for c0 in range(0, I, BLOCK_I):
-        cols = c0 + tl.arange(0, BLOCK_I)
-        mc = cols < I
-        m = mrow[:, None] & mc[None, :]
-        dh = tl.load(dh_ptr + r64 * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gu_ptr + r64 * s_gu + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + r64 * s_gu + I + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).to(ty)
-        du = (dh * silu).to(ty)
-        tl.store(dgu_ptr + r64 * s_dgu + cols[None, :], dg, mask=m)
-        tl.store(dgu_ptr + r64 * s_dgu + I + cols[None, :], du, mask=m)
-        tl.store(dh_ptr + r64 * s_dh + cols[None, :], (silu * u).to(dh_ptr.dtype.element_ty), mask=m)
-        bg = tl.load(bg_ptr + cols[:, None] * rg + rrg[None, :], mask=mc[:, None] & (rrg < rg)[None, :], other=0.0)
-        bu = tl.load(bu_ptr + cols[:, None] * ru + rru[None, :], mask=mc[:, None] & (rru < ru)[None, :], other=0.0)
-        if IEEE:
-            acc_g += tl.dot(dg, bg, input_precision="ieee")              # dg as stored, as torch.mm reads it
-            acc_u += tl.dot(du, bu, input_precision="ieee")
-        else:
-            acc_g += tl.dot(dg, bg)
-            acc_u += tl.dot(du, bu)
-    gty = gs_ptr.dtype.element_ty
-    tl.store(gs_ptr + r64 * s_gs + rrg[None, :], (acc_g * sg).to(gty), mask=mrow[:, None] & (rrg < rg)[None, :])
-    tl.store(gs_ptr + r64 * s_gs + rg + rru[None, :], (acc_u * su).to(gty), mask=mrow[:, None] & (rru < ru)[None, :])
-
-
 _LAUNCHES: dict = {}
 
 
@@ -129,32 +88,3 @@ def swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
     if n:
         _direct(_bwd_kernel, n, i, (dh, gu, dgu))(dh, gu, dgu, i, dh.stride(0), gu.stride(0), dgu.stride(0))
     return dgu
-
-
-GS_BLOCK_N = 32
-GS_BLOCK_I = 128
-
-
-def swiglu_backward_gs(dh: Tensor, gu: Tensor, bg: Tensor, bu: Tensor, sg: float, su: float) -> tuple[Tensor, Tensor]:
-    """``swiglu_backward`` that also returns gs = [sg dg Bg | su du Bu] (N, rg + ru), from the
-    same pass (the separate GEMM would read dgu, (N, 2I), once more).
-
-    bg (I, rg), bu (I, ru): contiguous, in gu's dtype. Overwrites dh with h, like swiglu_backward.
-    """
-    n, two_i = gu.shape
-    i = two_i // 2
-    rg, ru = bg.shape[1], bu.shape[1]
-    dgu = torch.empty((n, two_i), dtype=gu.dtype, device=gu.device)
-    gs = torch.empty((n, rg + ru), dtype=gu.dtype, device=gu.device)
-    if n:
-        key = launch.key(_bwd_gs_kernel, (n, i, rg, ru), dh, gu, dgu, bg, bu, gs)
-        run = _LAUNCHES.get(key)
-        if run is None:
-            run = _LAUNCHES[key] = launch.Direct(
-                _bwd_gs_kernel, (triton.cdiv(n, GS_BLOCK_N),),
-                dict(I=i, RG=max(16, triton.next_power_of_2(rg)), RU=max(16, triton.next_power_of_2(ru)),
-                     BLOCK_N=GS_BLOCK_N, BLOCK_I=GS_BLOCK_I, IEEE=gu.dtype == torch.float32),
-                num_warps=4, num_stages=3)
-        run(dh, gu, dgu, bg, bu, gs, n, rg, ru, float(sg), float(su), dh.stride(0), gu.stride(0), dgu.stride(0),
-            gs.stride(0))
-    return dgu, gs
