@@ -133,6 +133,25 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optio
     return torch.addmm(weight, B, A, alpha=scale, out=out)
 
 
+def stacked_merged_weight(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], scales: list[float]) -> Tensor:
+    """[W_1 + s_1 B_1 A_1; ...; W_m + s_m B_m A_m]: the merged weights of layers that read the
+    same input, stacked along rows into one (sum of d_i, k) tensor (one GEMM then serves them all).
+
+    On the GPU one Triton launch for up to three parts (``lorakit.kernels.merge.merged_weights``);
+    otherwise ``merged_weight`` per part, each written in place into its rows."""
+    w0 = weights[0]
+    out = torch.empty((sum(w.shape[0] for w in weights), w0.shape[1]), dtype=w0.dtype, device=w0.device)
+    if len(weights) > 1 and w0.is_cuda and not torch.compiler.is_compiling():
+        k = kernels.load("merge")
+        if k is not None and k.group_supported(weights, Bs, As):
+            return k.merged_weights(weights, Bs, As, scales, out)
+    o = 0
+    for w, B, A, s in zip(weights, Bs, As, scales):
+        merged_weight(w, B, A, s, out=out[o:o + w.shape[0]])
+        o += w.shape[0]
+    return out
+
+
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 

@@ -388,6 +388,25 @@ def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ds,k,rs", [((2048, 512, 512), 2048, (16, 16, 16)), ((8192, 8192), 2048, (16, 16)),
+                                     ((128, 30), 300, (8, 3)), ((192, 64, 7), 256, (16, 2, 5)),
+                                     ((100, 64), 64, (4, 4))])
+def test_gpu_stacked_merged_weight_equals_one_merge_per_part(dtype, ds, k, rs):
+    """ops.stacked_merged_weight (one launch for q/k/v or gate/up; per-part launches when a part
+    but the last is not a multiple of the kernel's row block) equals merged_weight part by part."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(d, k, device="cuda", generator=g).to(dtype) for d in ds]
+    Bs = [(torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype) for d, r in zip(ds, rs)]
+    As = [torch.randn(r, k, device="cuda", generator=g).to(dtype) for r in rs]
+    scales = [0.75, 2.0, -1.0][:len(ds)]
+    want = torch.cat([ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, scales)])
+    for _ in range(3):                                       # the JIT, then the direct launches
+        assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales), want)
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("lead,k,d,r,bias", [((8, 1), 2048, 2048, 16, False), ((1,), 2048, 512, 16, True),
                                              ((3, 5), 2048, 8192, 64, False), ((64,), 8192, 2048, 1, True),

@@ -29,10 +29,11 @@ MAX_RANK = 128
 
 
 @triton.jit
-def _merge_kernel(w_ptr, b_ptr, a_ptr, o_ptr, D, K, r, s, s_w, s_b, s_a, s_o,
-                  R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+def _merge_tile(w_ptr, b_ptr, a_ptr, o_ptr, bd, bk, D, K, r, s, s_w, s_b, s_a, s_o,
+                R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Tile (bd, bk) of out = W + s B A: (BLOCK_D, BLOCK_K) of W read once, s B A in float32."""
+    rd = bd * BLOCK_D + tl.arange(0, BLOCK_D)
+    rk = bk * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, R)
     md, mk, mr = rd < D, rk < K, rr < r
     rd64 = rd.to(tl.int64)
@@ -45,6 +46,35 @@ def _merge_kernel(w_ptr, b_ptr, a_ptr, o_ptr, D, K, r, s, s_w, s_b, s_a, s_o,
     m = md[:, None] & mk[None, :]
     w = tl.load(w_ptr + rd64[:, None] * s_w + rk[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + rd64[:, None] * s_o + rk[None, :], (w + s * ba).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _merge_kernel(w_ptr, b_ptr, a_ptr, o_ptr, D, K, r, s, s_w, s_b, s_a, s_o,
+                  R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    _merge_tile(w_ptr, b_ptr, a_ptr, o_ptr, tl.program_id(0), tl.program_id(1), D, K, r, s, s_w, s_b, s_a, s_o,
+                R, BLOCK_D, BLOCK_K, IEEE)
+
+
+@triton.jit
+def _merge3_kernel(w0, b0, a0, w1, b1, a1, w2, b2, a2, o_ptr, D0, D1, D2, K, r0, r1, r2, s0, s1, s2,
+                   sw0, sb0, sa0, sw1, sb1, sa1, sw2, sb2, sa2, s_o,
+                   R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Up to three merges stacked along rows of one output, in one launch: row blocks
+    [0, D0 / BLOCK_D) are part 0's, the next D1 / BLOCK_D part 1's, the rest part 2's (every part
+    but the last is a multiple of BLOCK_D rows, so no block straddles two parts; unused parts
+    have 0 rows)."""
+    pid = tl.program_id(0)
+    bk = tl.program_id(1)
+    n0 = tl.cdiv(D0, BLOCK_D)
+    n1 = tl.cdiv(D1, BLOCK_D)
+    if pid < n0:
+        _merge_tile(w0, b0, a0, o_ptr, pid, bk, D0, K, r0, s0, sw0, sb0, sa0, s_o, R, BLOCK_D, BLOCK_K, IEEE)
+    elif pid < n0 + n1:
+        _merge_tile(w1, b1, a1, o_ptr + D0.to(tl.int64) * s_o, pid - n0, bk, D1, K, r1, s1, sw1, sb1, sa1, s_o,
+                    R, BLOCK_D, BLOCK_K, IEEE)
+    else:
+        _merge_tile(w2, b2, a2, o_ptr + (D0 + D1).to(tl.int64) * s_o, pid - n0 - n1, bk, D2, K, r2, s2,
+                    sw2, sb2, sa2, s_o, R, BLOCK_D, BLOCK_K, IEEE)
 
 
 def supported(weight: Tensor, B: Tensor, A: Tensor) -> bool:
@@ -72,4 +102,37 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Tenso
             dict(R=R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, IEEE=weight.dtype == torch.float32),
             num_warps=8 if R > 32 else 4)
     run(weight, B, A, out, d, k, r, float(scale), weight.stride(0), B.stride(0), A.stride(0), out.stride(0))
+    return out
+
+
+def group_supported(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor]) -> bool:
+    """Whether ``merged_weights`` takes these parts in one launch (else one launch per part)."""
+    k = weights[0].shape[1]
+    return (0 < len(weights) <= 3 and all(supported(w, B, A) and w.shape[1] == k and w.dtype == weights[0].dtype
+                                          for w, B, A in zip(weights, Bs, As))
+            and all(w.shape[0] % BLOCK_D == 0 for w in weights[:-1]))
+
+
+def merged_weights(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], scales: list[float],
+                   out: Tensor) -> Tensor:
+    """out = [W_0 + s_0 B_0 A_0; ...; W_m + s_m B_m A_m] (sum of d_i, k) in one launch
+    (``group_supported``: at most 3 parts, every part but the last a multiple of BLOCK_D rows)."""
+    m = len(weights)
+    k = weights[0].shape[1]
+    ds = [w.shape[0] for w in weights] + [0] * (3 - m)
+    rs = [A.shape[0] for A in As] + [0] * (3 - m)
+    pad = lambda seq, fill: list(seq) + [fill] * (3 - m)           # noqa: E731 - unused parts: never read
+    ws, bs, as_ = pad(weights, weights[0]), pad(Bs, Bs[0]), pad(As, As[0])
+    key = launch.key(_merge3_kernel, (m, *ds, k, *rs), *ws, *bs, *as_, out)
+    run = _LAUNCHES.get(key)
+    if run is None:
+        R = max(16, triton.next_power_of_2(max(rs)))
+        run = _LAUNCHES[key] = launch.Direct(
+            _merge3_kernel, (sum(triton.cdiv(d, BLOCK_D) for d in ds), triton.cdiv(k, BLOCK_K)),
+            dict(R=R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, IEEE=weights[0].dtype == torch.float32),
+            num_warps=8 if R > 32 else 4)
+    sc = [float(x) for x in scales] + [0.0] * (3 - m)
+    run(ws[0], bs[0], as_[0], ws[1], bs[1], as_[1], ws[2], bs[2], as_[2], out, *ds, k, *rs, *sc,
+        ws[0].stride(0), bs[0].stride(0), as_[0].stride(0), ws[1].stride(0), bs[1].stride(0), as_[1].stride(0),
+        ws[2].stride(0), bs[2].stride(0), as_[2].stride(0), out.stride(0))
     return out
