@@ -18,7 +18,8 @@
 #   bash bench/h200.sh s4c         # session 4: every GPU test, the kernel launched directly, 1B inference
 #   bash bench/h200.sh s4d         # session 4, last: GPU tests of the kernels, 1B training with direct launches
 #   bash bench/h200.sh s5          # next: every GPU test, 1B training (eager + compiled, with and without +gs)
-#   bash bench/h200.sh s5b         # next: the longest training sequence per variant at the 1B shape
+#   bash bench/h200.sh s5b         # the longest training sequence per variant at the 1B shape
+#   bash bench/h200.sh s6          # GPU tests, host time per step (bench/host_cost.py), 1B with q/k/v grouped or not
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -98,6 +99,14 @@ case "${1:-}" in
     timeout 200 python3 bench/train_step.py --device cuda --size 1b \
       --variants "${VARIANTS_1B:-bound,lorakit,lorakit+gs,bound+compile,lorakit+compile,lorakit+gs+compile}" \
       --out $R/train_step_1b_h200_s5 2>&1 | tee -a "$LOG"
+    ;;
+  s6)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -8 | tee -a "$LOG"
+    timeout 60 python3 bench/host_cost.py --device cuda --variants bound,lorakit,lorakit+ungrouped \
+      --out $R/host_cost_h200_s6 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/train_step.py --device cuda --size 1b --timeline lorakit \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+ungrouped,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_s6 2>&1 | tee -a "$LOG"
     ;;
   s5b)
     timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \

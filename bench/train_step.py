@@ -16,8 +16,7 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     lorakit-fp32     lorakit with adapter_dtype="float32"
     lorakit-unfused  lorakit with the gated MLPs unfused (lorakit.fused.detach): three LoRA linears each
     lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
-    X+gs             lorakit X with the experimental SwiGLU backward that also computes the MLP's
-                     s dg Bg | s du Bu (lorakit.fused.FUSED_GS)
+    X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
                      ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
@@ -65,8 +64,8 @@ def parse_variant(spec: str) -> dict:
     compile_ = "+compile" in name
     fused = "+fused-loss" in name
     foreach = "+foreach" in name
-    gs = "+gs" in name
-    base = name.replace("+compile", "").replace("+fused-loss", "").replace("+foreach", "").replace("+gs", "")
+    ungrouped = "+ungrouped" in name
+    base = name.replace("+compile", "").replace("+fused-loss", "").replace("+foreach", "").replace("+ungrouped", "")
     r = 16
     if "@r" in base:
         base, rs = base.split("@r")
@@ -74,7 +73,7 @@ def parse_variant(spec: str) -> dict:
     kind = base.split("-")[0]
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
-    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, gs=gs,
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -116,10 +115,11 @@ def setup(v: dict, model):
     cfg = lorakit.LoraConfig(r=v["r"], alpha=2 * v["r"], target_modules=common.TARGETS7,
                              adapter_dtype="float32" if v["fp32"] else "auto")
     lorakit.inject(model, cfg)
-    from lorakit import fused
-    fused.FUSED_GS = v["gs"]                  # experimental: the SwiGLU backward kernel also computes gs
+    from lorakit import fused, grouped
     if v["unfused"]:
         fused.detach(model)
+    if v["ungrouped"]:
+        grouped.detach(model)
     return adamw(v, [p for p in model.parameters() if p.requires_grad])
 
 

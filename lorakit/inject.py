@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from . import fused
+from . import fused, grouped
 from .config import LoraConfig
 from .errors import AdapterExists, ConfigError, LoraError, MergedStateError, TargetNotFound, UnsupportedModule, preview
 from .layers import LoraLayer, LoraLinear, LoraState, SavedModule, supported_base, unsupported_reason
@@ -276,6 +276,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, paths: list[str
             p.requires_grad_(flag)
         raise
     fused.attach(model)     # gated MLPs whose three projections now carry LoRA run as one node
+    grouped.attach(model)   # so do q, k and v (when the model calls them on one input)
 
 
 def _rollback(model: nn.Module, name: str, before: dict, state: LoraState, active_before, had_state) -> None:
@@ -346,6 +347,7 @@ def unwrap_all(model: nn.Module, keep=None) -> nn.Module:
     """Replace every LoRA layer by its base module and every saved wrapper by ``keep(wrapper)``
     (default: the original). Removes the model's lorakit state."""
     fused.detach(model)
+    grouped.detach(model)
     for path, m in list(walk(model)):
         if isinstance(m, LoraLayer):
             parent, leaf = get_submodule_parent(model, path)

@@ -165,6 +165,8 @@ class LoraLinear(LoraLayer):
     y = x W0^T + b + s (dropout(x) A^T) B^T; A (r, k), B (d, r).
     """
 
+    _group = None      # a lorakit.grouped.Group when this layer reads the same input as its siblings (q, k, v)
+
     def __init__(self, base: nn.Module, state: LoraState) -> None:
         super().__init__(base, state)
         self.fan_in_fan_out = not isinstance(base, nn.Linear)    # GPT-2 Conv1D: y = x @ W + b
@@ -195,6 +197,11 @@ class LoraLinear(LoraLayer):
             return base(x)
         p = a._parameters
         x_drop = F.dropout(x, a.dropout, True) if a.dropout > 0 and self.training else None
+        g = self._group
+        if g is not None and x_drop is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            y = g.call(self, x)               # q, k, v as one node (lorakit.grouped), when it applies
+            if y is not None:
+                return y
         w, bias = self.base_weight_dk(), base._parameters.get("bias")
         if not torch.is_grad_enabled() and x_drop is None:
             # Inference (decoding runs this 100+ times per token, bound by the host): the

@@ -1,0 +1,296 @@
+"""LoRA linears that read the same input, run as one autograd node (attention's q, k and v).
+
+An attention block calls ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` on the same x. Run
+separately (3 nodes), a training step pays per projection: its own W' build, its own GEMM, its
+own x A^T, and in backward its own dX that autograd then sums with two more full-size
+additions. On a GPU the host's time per operation is what the step waits on at these sizes
+(``bench/host_cost.py``: 13-25 us per PyTorch operation on the H200's host, and the attention
+projections' GEMMs run in about as long). As one node, for m members with outputs d_1..d_m:
+
+    W'  = [W1 + s1 B1 A1; ...; Wm + sm Bm Am]        (D, k), D = sum d_i: one buffer, rebuilt in backward
+    y   = x W'^T + [b1 ... bm]                       (N, D): one GEMM; member i gets columns o_i .. o_i + d_i
+    xa  = x [A1; ...; Am]^T                          (N, R), R = sum r_i, for the dB's
+
+    dY  = [dy1 ... dym]                              (N, D)
+    dX  = dY W'                                      one GEMM (no sums of separate dX's)
+    gs  = dY blockdiag(s1 B1, ..., sm Bm)            (N, R)
+    dA  = gs^T x                                     (R, k): one read of x for every A
+    dBi = si dyi^T xa_i                              (d_i, r_i)
+
+Forward operations: 5 instead of 9 (plus one autograd node instead of three); backward about
+9 instead of 17. Each member's output is a separate tensor (a detached slice of y, so a caller
+may modify it in place) and its gradient is exact: the same function as the separate layers,
+summed in another order (float32: equal to 1e-6; tests compare).
+
+**How the members meet.** The model calls the three modules itself, one after the other. The
+first member (the *leader*, e.g. q_proj) computes all outputs and keeps the others' until
+they are called with the same tensor x (same object, same version); then each takes its own.
+A group only forms after one forward in which the members were seen called with the
+leader's input (so cross-attention, where k and v read another tensor, never forms one), and
+stops for good the first time a member is called with anything else. Conditions per call
+(else every member runs its own node): gradients on, not under torch.compile (there each
+linear is its own opaque operator), one active adapter present in every member with no
+dropout while training, no merge or per-row batch, frozen ``nn.Linear`` bases of x's dtype,
+biases in all or none, no hooks, no autocast to another dtype, and the merged form chosen
+for every member (``ops.merged_is_cheaper``: training-sized inputs).
+
+``attach(model)`` links the members (``inject`` calls it), ``detach`` unlinks them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .layers import LoraLinear
+
+# Member names of a group, the leader first: the model must call them in this order on one input.
+NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+class Group:
+    """Sibling LoRA linears of one parent module that read the same input, and what is pending.
+
+    Not a module (kept in each member's ``__dict__`` as ``_group``): pickles and deep-copies with
+    the model, without the pending outputs."""
+
+    __slots__ = ("members", "seen", "confirmed", "refused", "last", "pending", "px", "pv", "__weakref__")
+
+    def __init__(self, members: tuple[LoraLinear, ...]) -> None:
+        self.members = members
+        self.seen: set[int] = set()          # indices of members seen called with the leader's input
+        self.confirmed = False
+        self.refused = False
+        self.last = None                     # weakref to the leader's last input (until confirmed)
+        self.pending: Optional[dict] = None  # member index -> its output, computed by the leader
+        self.px: Optional[Tensor] = None     # the input those outputs are for
+        self.pv = 0                          # its version then
+
+    def __getstate__(self):
+        return dict(members=self.members, seen=set(self.seen), confirmed=self.confirmed, refused=self.refused)
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["members"])
+        self.seen, self.confirmed, self.refused = state["seen"], state["confirmed"], state["refused"]
+
+    def _drop(self) -> None:
+        self.pending = self.px = None
+
+    def call(self, m: LoraLinear, x: Tensor) -> Optional[Tensor]:
+        """Member ``m``'s output for x if the group computes it, else None (m runs its own node)."""
+        if self.refused or torch.compiler.is_compiling():
+            return None
+        members = self.members
+        if m is members[0]:
+            self._drop()
+            if not self.confirmed:
+                self.last = weakref.ref(x)
+                return None
+            outs = self._run(x)
+            if outs is None:
+                return None
+            self.pending = {i: outs[i] for i in range(1, len(members))}
+            self.px, self.pv = x, x._version
+            return outs[0]
+        i = members.index(m)
+        p = self.pending
+        if p is not None:
+            out = p.pop(i, None)
+            if out is not None and self.px is x and x._version == self.pv:
+                if not p:
+                    self._drop()
+                return out
+            self._drop()
+            if out is not None:               # called with another input than the leader's
+                self.refused = True
+            return None
+        if not self.confirmed:
+            last = self.last() if self.last is not None else None
+            if last is x:
+                self.seen.add(i)
+                if len(self.seen) == len(members) - 1:
+                    self.confirmed, self.last = True, None
+            else:
+                self.refused, self.last = True, None
+        return None
+
+    def _run(self, x: Tensor) -> Optional[tuple[Tensor, ...]]:
+        """All members' outputs as one node, or None when the conditions (module docstring) fail."""
+        first = self.members[0]
+        st = first.state
+        name = st.active
+        if st.disabled or st.rows is not None or name is None or _hooks():
+            return None
+        ws, bs, As, Bs, scales = [], [], [], [], []
+        trainable = x.requires_grad
+        for m in self.members:
+            if m.state is not st or m.merged_name is not None or m.fan_in_fan_out:
+                return None
+            base = m._modules["base"]
+            a = m._modules["adapters"]._modules.get(name)
+            if a is None or type(base) is not nn.Linear or (a.dropout > 0 and m.training) or _hooked(m) or _hooked(base):
+                return None
+            bp, ap = base._parameters, a._parameters
+            w = bp["weight"]
+            if w.requires_grad or w.dtype != x.dtype:
+                return None
+            ws.append(w)
+            bs.append(bp.get("bias"))
+            As.append(ap["lora_A"])
+            Bs.append(ap["lora_B"])
+            scales.append(a.scale)
+            trainable = trainable or As[-1].requires_grad or Bs[-1].requires_grad
+        if not trainable or any(b is not None and b.requires_grad for b in bs):
+            return None
+        if (bs[0] is None) != all(b is None for b in bs) or any((b is None) != (bs[0] is None) for b in bs):
+            return None
+        k = ws[0].shape[1]
+        if x.shape[-1] != k or any(w.shape[1] != k for w in ws):
+            return None
+        cast_to = ops.autocast_dtype(x)
+        if cast_to is not None and cast_to != x.dtype:
+            return None
+        n = x.numel() // k
+        if not all(ops.merged_is_cheaper(n, w.shape[0], k, True) for w in ws):
+            return None
+        return shared_linear(x, ws, bs, As, Bs, scales)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _hooks() -> bool:
+    mod = nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
+                or mod._global_backward_pre_hooks)
+
+
+# ---------------------------------------------------------------------------- the node
+class _SharedLinearFn(torch.autograd.Function):
+    """Outputs x W_i'^T + b_i for every member i (see the module docstring).
+
+    Inputs: x (..., k), m, then m weights (d_i, k), m biases (or None), m A's (r_i, k), m B's
+    (d_i, r_i), and the m scales as a tuple. A and B may be float32 on a lower-precision base:
+    cast to x's dtype for the GEMMs, gradients returned in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: int, *args):
+        ws, bs, As, Bs = args[:m], args[m:2 * m], args[2 * m:3 * m], args[3 * m:4 * m]
+        scales = args[4 * m]
+        dt = x.dtype
+        Ac = [ops._cast(A, dt) for A in As]
+        Bc = [ops._cast(B, dt) for B in Bs]
+        need = ctx.needs_input_grad
+        need_a = any(need[2 + 2 * m:2 + 3 * m])
+        need_b = any(need[2 + 3 * m:2 + 4 * m])
+        W = ops.stacked_merged_weight(ws, Bc, Ac, scales)                       # (D, k)
+        # The last member (v) gets its own GEMM and buffer: attention keeps v for its backward,
+        # and a slice would keep the whole (N, D) buffer alive with it. The others share one.
+        dl = ws[-1].shape[0]
+        hd = W.shape[0] - dl
+        outs = []
+        if m > 1:
+            y = F.linear(x, W[:hd], torch.cat(bs[:-1]) if bs[0] is not None else None)   # (..., D - d_m)
+            o = 0
+            for w in ws[:-1]:
+                d = w.shape[0]
+                outs.append(y[..., o:o + d].detach())    # not a view of y for autograd: callers may modify it in place
+                o += d
+        outs.append(F.linear(x, W[hd:], bs[-1]))                            # (..., d_m)
+        del W
+        xa = F.linear(x, torch.cat(Ac)) if need_b else None                 # (..., R), for the dB's
+        ctx.m, ctx.scales = m, scales
+        ctx.dtypes = [A.dtype for A in As] + [B.dtype for B in Bs]
+        ctx.save_for_backward(x if need_a else None, xa, *ws, *Ac, *Bc)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        m, scales = ctx.m, ctx.scales
+        x, xa, *rest = ctx.saved_tensors
+        ws, Ac, Bc = rest[:m], rest[m:2 * m], rest[2 * m:]
+        need = ctx.needs_input_grad
+        k = ws[0].shape[1]
+        D = sum(w.shape[0] for w in ws)
+        dY = torch.cat(dys, dim=-1)                                         # (..., D)
+        dY2 = dY.view(-1, D)                                                # (N, D)
+        dx = None
+        if need[0]:
+            dx = dY.matmul(ops.stacked_merged_weight(ws, Bc, Ac, scales))       # dY W'   (..., k)
+        dAs = [None] * m
+        dBs = [None] * m
+        if any(need[2 + 2 * m:2 + 3 * m]):
+            same = all(s == scales[0] for s in scales)                      # (the usual case: fold s into alpha)
+            bd = torch.block_diag(*Bc) if same else torch.block_diag(*(B * s for B, s in zip(Bc, scales)))
+            gs = torch.mm(dY2, bd)                                          # (N, R): [dy_i B_i] (times s_i)
+            # dA = s gs^T x, (R, k): one read of x for every A. (addmm with beta=0 ignores its
+            # first argument; a row of W0 has the shape it must broadcast from.)
+            dA = torch.addmm(ws[0][0], gs.t(), x.reshape(-1, k), beta=0, alpha=scales[0] if same else 1.0)
+            r0 = 0
+            for i, A in enumerate(Ac):
+                r = A.shape[0]
+                if need[2 + 2 * m + i]:
+                    dAs[i] = ops._cast(dA[r0:r0 + r], ctx.dtypes[i])
+                r0 += r
+        if any(need[2 + 3 * m:2 + 4 * m]):
+            xa2 = xa.reshape(-1, xa.shape[-1])
+            o = r0 = 0
+            for i, (B, s) in enumerate(zip(Bc, scales)):
+                d, r = B.shape
+                if need[2 + 3 * m + i]:                                     # s dy_i^T xa_i, (d_i, r_i), contiguous
+                    dBs[i] = ops._cast(torch.addmm(B, dY2[:, o:o + d].t(), xa2[:, r0:r0 + r], beta=0, alpha=s),
+                                       ctx.dtypes[m + i])
+                o += d
+                r0 += r
+        return (dx, None) + (None,) * (2 * m) + tuple(dAs) + tuple(dBs) + (None,)
+
+
+def shared_linear(x: Tensor, ws: list[Tensor], bs: list[Optional[Tensor]], As: list[Tensor], Bs: list[Tensor],
+                  scales: list[float]) -> tuple[Tensor, ...]:
+    """Every member's y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T as one node (no checks: see ``Group``)."""
+    return _SharedLinearFn.apply(x, len(ws), *ws, *bs, *As, *Bs, tuple(scales))
+
+
+# ---------------------------------------------------------------------------- attach / detach
+def _groups(model: nn.Module):
+    from .fused import _modules
+    for parent in _modules(model):
+        mods = parent._modules
+        for names in NAMES:
+            members = tuple(mods.get(n) for n in names)
+            if all(type(m) is LoraLinear for m in members):
+                yield members
+
+
+def attach(model: nn.Module) -> int:
+    """Link the members of every q/k/v-style group of LoRA linears (idempotent); how many groups."""
+    n = 0
+    for members in _groups(model):
+        if members[0].__dict__.get("_group") is None or members[0]._group.members != members:
+            g = Group(members)
+            for m in members:
+                m.__dict__["_group"] = g
+        n += 1
+    return n
+
+
+def detach(model: nn.Module) -> int:
+    """Unlink every group: each member runs its own node again. How many groups were linked."""
+    n = 0
+    for members in _groups(model):
+        if members[0].__dict__.get("_group") is not None:
+            n += 1
+        for m in members:
+            m.__dict__.pop("_group", None)
+    return n
+
+
+def attached(model: nn.Module) -> int:
+    return sum(members[0].__dict__.get("_group") is not None for members in _groups(model))
