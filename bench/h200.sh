@@ -20,6 +20,7 @@
 #   bash bench/h200.sh s5          # next: every GPU test, 1B training (eager + compiled, with and without +gs)
 #   bash bench/h200.sh s5b         # the longest training sequence per variant at the 1B shape
 #   bash bench/h200.sh s6          # GPU tests, host time per step (bench/host_cost.py), 1B with q/k/v grouped or not
+#   bash bench/h200.sh s6b         # q/k/v grouped under torch.compile too: compiled GPU tests, 1B eager + compiled, 8B eager
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -107,6 +108,14 @@ case "${1:-}" in
     timeout 200 python3 bench/train_step.py --device cuda --size 1b --timeline lorakit \
       --variants "${VARIANTS_1B:-bound,lorakit,lorakit+ungrouped,bound+compile,lorakit+compile}" \
       --out $R/train_step_1b_h200_s6 2>&1 | tee -a "$LOG"
+    ;;
+  s6b)
+    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py tests/test_grouped.py 2>&1 | tail -3 | tee -a "$LOG"
+    timeout 120 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_s6b 2>&1 | tee -a "$LOG"
+    timeout 120 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s6b 2>&1 | tee -a "$LOG"
     ;;
   s5b)
     timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \

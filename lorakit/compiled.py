@@ -8,7 +8,10 @@ compiler treats each as one opaque node:
 * ``lorakit::lora_linear`` (x, W0, b, A, B, s, merged) -> (y, xa)
   and its backward ``lorakit::lora_linear_backward`` -> (dx, dA, dB);
 * ``lorakit::gated_mlp`` (x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd) -> (y, gu, xas, has)
-  and its backward ``lorakit::gated_mlp_backward`` -> (dx, dAg, dBg, dAu, dBu, dAd, dBd).
+  and its backward ``lorakit::gated_mlp_backward`` -> (dx, dAg, dBg, dAu, dBu, dAd, dBd);
+* ``lorakit::shared_linear`` (x, [W_i], [b_i], [A_i], [B_i], [s_i]) -> [y_1, ..., y_m, xa]
+  (q, k and v as one node, lorakit.grouped) and its backward
+  ``lorakit::shared_linear_backward`` -> [dx, dA_1, ..., dA_m, dB_1, ..., dB_m].
 
 Why opaque: traced op by op, the merged weight W' = W0 + s B A that backward rebuilds is
 a function of forward inputs only, so the partitioner hoists it into the forward graph and
@@ -29,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import fused, ops
+from . import fused, grouped, ops
 from .ops import _cast
 
 AVAILABLE = hasattr(torch.library, "register_fake")      # torch >= 2.4; before, the autograd functions are traced
@@ -50,6 +53,10 @@ _SCHEMAS = {
     "gated_mlp_backward": "gated_mlp_backward(Tensor dy, Tensor x, Tensor gu, Tensor xas, Tensor has, Tensor wg, "
                           "Tensor wu, Tensor wd, Tensor ag, Tensor bg, Tensor au, Tensor bu, Tensor ad, Tensor bd, "
                           "float sg, float su, float sd, bool[] need) -> Tensor[]",
+    "shared_linear": "shared_linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] As, Tensor[] Bs, "
+                     "float[] scales) -> Tensor[]",
+    "shared_linear_backward": "shared_linear_backward(Tensor[] dys, Tensor x, Tensor xa, Tensor[] weights, "
+                              "Tensor[] As, Tensor[] Bs, float[] scales, bool[] need) -> Tensor[]",
 }
 
 
@@ -194,16 +201,86 @@ def _mlp_autograd(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
         return torch.ops.lorakit.gated_mlp.default(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
 
 
+# ---------------------------------------------------------------------------- q, k, v as one node
+def _shared(x, weights, biases, As, Bs, scales):
+    """[y_1, ..., y_m, xa]: ``grouped.shared_forward`` with one GEMM per member (no aliasing outputs)."""
+    outs, xa = grouped.shared_forward(x, weights, biases, [_cast(A, x.dtype) for A in As],
+                                      [_cast(B, x.dtype) for B in Bs], scales, True, views=False)
+    return outs + [xa]
+
+
+def _shared_fake(x, weights, biases, As, Bs, scales):
+    lead = x.shape[:-1]
+    return [x.new_empty(lead + (w.shape[0],)) for w in weights] + [x.new_empty(lead + (sum(A.shape[0] for A in As),))]
+
+
+def _shared_backward(dys, x, xa, weights, As, Bs, scales, need):
+    """[dx, dA_1..m, dB_1..m], empty where not needed; adapter grads in their dtypes."""
+    m = len(weights)
+    dx, dAs, dBs = grouped.shared_backward(dys, x, xa, weights, [_cast(A, x.dtype) for A in As],
+                                           [_cast(B, x.dtype) for B in Bs], scales, need[0],
+                                           need[1:1 + m], need[1 + m:])
+    dAs = [None if g is None else g.clone() if g.dtype == t.dtype else g.to(t.dtype)   # row slices of one tensor:
+           for g, t in zip(dAs, As)]                                                  # outputs may not alias
+    dBs = [None if g is None else _cast(g, t.dtype) for g, t in zip(dBs, Bs)]
+    return [_none(dx, x)] + [_none(g, t) for g, t in zip(dAs + dBs, list(As) + list(Bs))]
+
+
+def _shared_backward_fake(dys, x, xa, weights, As, Bs, scales, need):
+    like = [x, *As, *Bs]
+    return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need)]
+
+
+class _SharedOp(torch.autograd.Function):
+    """Autograd for ``lorakit::shared_linear`` (as ``_LinearOp``), backward ``lorakit::shared_linear_backward``.
+    Inputs: x, m, then the m weights, biases, A's and B's, then the scales (a list)."""
+
+    @staticmethod
+    def forward(ctx, x, m, *args):
+        ws, bs, As, Bs = (list(args[j * m:(j + 1) * m]) for j in range(4))
+        scales = args[4 * m]
+        with torch._C._AutoDispatchBelowAutograd():
+            *outs, xa = torch.ops.lorakit.shared_linear.default(x, ws, bs, As, Bs, scales)
+        ctx.m, ctx.scales = m, scales
+        ctx.save_for_backward(x, xa, *ws, *As, *Bs)
+        ctx.mark_non_differentiable(xa)
+        return (*outs, xa)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        m = ctx.m
+        x, xa, *rest = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        flags = [need[0], *need[2 + 2 * m:2 + 4 * m]]
+        out = torch.ops.lorakit.shared_linear_backward.default(list(grads[:m]), x, xa, rest[:m], rest[m:2 * m],
+                                                               rest[2 * m:], ctx.scales, flags)
+        dx, *ab = (_some(g) for g in out)
+        return (dx, None) + (None,) * (2 * m) + tuple(ab) + (None,)
+
+
+def _shared_autograd(x, weights, biases, As, Bs, scales):
+    """The operator's Autograd kernel (see ``_linear_autograd``)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*As, *Bs))):
+        return list(_SharedOp.apply(x, len(weights), *weights, *biases, *As, *Bs, list(scales)))
+    if _plain(x, *weights, *biases, *As, *Bs):
+        return _shared(x, weights, biases, As, Bs, scales)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lorakit.shared_linear.default(x, weights, biases, As, Bs, scales)
+
+
 def _register() -> Optional[object]:
     lib = torch.library.Library("lorakit", "DEF")          # kept alive by the module (unregisters when freed)
     kernels = {"lora_linear": (_linear, _linear_fake), "lora_linear_backward": (_linear_backward, _linear_backward_fake),
-               "gated_mlp": (_mlp, _mlp_fake), "gated_mlp_backward": (_mlp_backward, _mlp_backward_fake)}
+               "gated_mlp": (_mlp, _mlp_fake), "gated_mlp_backward": (_mlp_backward, _mlp_backward_fake),
+               "shared_linear": (_shared, _shared_fake),
+               "shared_linear_backward": (_shared_backward, _shared_backward_fake)}
     for name, (impl, fake) in kernels.items():
         lib.define(_SCHEMAS[name])
         lib.impl(name, impl, "CompositeExplicitAutograd")
         torch.library.register_fake(f"lorakit::{name}", fake, lib=lib)
     lib.impl("lora_linear", _linear_autograd, "Autograd")
     lib.impl("gated_mlp", _mlp_autograd, "Autograd")
+    lib.impl("shared_linear", _shared_autograd, "Autograd")
     return lib
 
 
@@ -220,6 +297,13 @@ def gated_mlp(x: Tensor, wg: Tensor, wu: Tensor, wd: Tensor, ag: Tensor, bg: Ten
               ad: Tensor, bd: Tensor, sg: float, su: float, sd: float) -> Tensor:
     """down(silu(gate(x)) * up(x)) with LoRA on all three, as the ``lorakit::gated_mlp`` operator."""
     return torch.ops.lorakit.gated_mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)[0]
+
+
+def shared_linear(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], As: list[Tensor],
+                  Bs: list[Tensor], scales: list[float]) -> tuple[Tensor, ...]:
+    """Every member's y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T as the ``lorakit::shared_linear`` operator."""
+    return tuple(torch.ops.lorakit.shared_linear(x, list(weights), list(biases), list(As), list(Bs),
+                                                 [float(s) for s in scales])[:-1])
 
 
 # ---------------------------------------------------------------------------- regional compilation

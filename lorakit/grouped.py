@@ -27,9 +27,10 @@ first member (the *leader*, e.g. q_proj) computes all outputs and keeps the othe
 they are called with the same tensor x (same object, same version); then each takes its own.
 A group only forms after one forward in which the members were seen called with the
 leader's input (so cross-attention, where k and v read another tensor, never forms one), and
-stops for good the first time a member is called with anything else. Conditions per call
-(else every member runs its own node): gradients on, not under torch.compile (there each
-linear is its own opaque operator), one active adapter present in every member with no
+stops for good the first time a member is called with anything else. Under torch.compile
+the node is the opaque operator ``lorakit::shared_linear`` (lorakit.compiled), and the group
+forms from the traced code's own calls. Conditions per call (else every member runs its own
+node): gradients on, one active adapter present in every member with no
 dropout while training, no merge or per-row batch, frozen ``nn.Linear`` bases of x's dtype,
 biases in all or none, no hooks, no autocast to another dtype, and the merged form chosen
 for every member (``ops.merged_is_cheaper``: training-sized inputs).
@@ -82,26 +83,32 @@ class Group:
         self.pending = self.px = None
 
     def call(self, m: LoraLinear, x: Tensor) -> Optional[Tensor]:
-        """Member ``m``'s output for x if the group computes it, else None (m runs its own node)."""
-        if self.refused or torch.compiler.is_compiling():
+        """Member ``m``'s output for x if the group computes it, else None (m runs its own node).
+
+        While torch.compile traces, the pattern is the traced code's own: the group forms
+        without a watched forward (a member called with another tensor refuses it, and the
+        guard on ``refused`` retraces), and the tensors' versions are not checked (the graph
+        is functional)."""
+        if self.refused:
             return None
+        compiling = torch.compiler.is_compiling()
         members = self.members
         if m is members[0]:
             self._drop()
-            if not self.confirmed:
+            if not self.confirmed and not compiling:
                 self.last = weakref.ref(x)
                 return None
             outs = self._run(x)
             if outs is None:
                 return None
             self.pending = {i: outs[i] for i in range(1, len(members))}
-            self.px, self.pv = x, x._version
+            self.px, self.pv = x, 0 if compiling else x._version
             return outs[0]
         i = members.index(m)
         p = self.pending
         if p is not None:
             out = p.pop(i, None)
-            if out is not None and self.px is x and x._version == self.pv:
+            if out is not None and self.px is x and (compiling or x._version == self.pv):
                 if not p:
                     self._drop()
                 return out
@@ -109,7 +116,7 @@ class Group:
             if out is not None:               # called with another input than the leader's
                 self.refused = True
             return None
-        if not self.confirmed:
+        if not self.confirmed and not compiling:
             last = self.last() if self.last is not None else None
             if last is x:
                 self.seen.add(i)
@@ -126,6 +133,10 @@ class Group:
         name = st.active
         if st.disabled or st.rows is not None or name is None or _hooks():
             return None
+        if torch.compiler.is_compiling():
+            from . import compiled
+            if not compiled.AVAILABLE:
+                return None
         ws, bs, As, Bs, scales = [], [], [], [], []
         trainable = x.requires_grad
         for m in self.members:
@@ -172,6 +183,72 @@ def _hooks() -> bool:
 
 
 # ---------------------------------------------------------------------------- the node
+def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool = True
+                   ) -> tuple[list[Tensor], Optional[Tensor]]:
+    """(the members' outputs, xa = x [A_1; ...; A_m]^T (..., R) or None); A's and B's already in x's dtype.
+
+    ``views``: the members but the last share one GEMM and buffer, each output a detached slice
+    of it (eager); else each member has its own GEMM (an operator's outputs may not alias). The
+    last member (v) has its own GEMM and buffer either way: attention keeps v for its backward,
+    and a slice would keep the whole buffer alive with it."""
+    m = len(ws)
+    W = ops.stacked_merged_weight(ws, Bc, Ac, scales)                      # (D, k)
+    hd = W.shape[0] - ws[-1].shape[0]
+    outs = []
+    if m > 1 and views:
+        y = F.linear(x, W[:hd], torch.cat(bs[:-1]) if bs[0] is not None else None)   # (..., D - d_m)
+        o = 0
+        for w in ws[:-1]:
+            d = w.shape[0]
+            outs.append(y[..., o:o + d].detach())    # not a view of y for autograd: callers may modify it in place
+            o += d
+    elif m > 1:
+        o = 0
+        for w, b in zip(ws[:-1], bs[:-1]):
+            d = w.shape[0]
+            outs.append(F.linear(x, W[o:o + d], b))
+            o += d
+    outs.append(F.linear(x, W[hd:], bs[-1]))                               # (..., d_m)
+    xa = F.linear(x, torch.cat(Ac)) if need_xa else None                   # (..., R), for the dB's
+    return outs, xa
+
+
+def shared_backward(dys, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, scales, need_x: bool,
+                    need_a: list[bool], need_b: list[bool]) -> tuple[Optional[Tensor], list, list]:
+    """(dx, [dA_i], [dB_i]) in x's dtype (None where not needed) for the members' output
+    gradients ``dys``; x is needed for the dA's, xa for the dB's."""
+    m = len(ws)
+    k = ws[0].shape[1]
+    D = sum(w.shape[0] for w in ws)
+    dY = torch.cat(dys, dim=-1)                                             # (..., D)
+    dY2 = dY.view(-1, D)                                                    # (N, D)
+    dx = dY.matmul(ops.stacked_merged_weight(ws, Bc, Ac, scales)) if need_x else None   # dY W'  (..., k)
+    dAs, dBs = [None] * m, [None] * m
+    if any(need_a):
+        same = all(s == scales[0] for s in scales)                          # (the usual case: fold s into alpha)
+        bd = torch.block_diag(*Bc) if same else torch.block_diag(*(B * s for B, s in zip(Bc, scales)))
+        gs = torch.mm(dY2, bd)                                              # (N, R): [dy_i B_i] (times s_i)
+        # dA = s gs^T x, (R, k): one read of x for every A. (addmm with beta=0 ignores its
+        # first argument; a row of W0 has the shape it must broadcast from.)
+        dA = torch.addmm(ws[0][0], gs.t(), x.reshape(-1, k), beta=0, alpha=scales[0] if same else 1.0)
+        r0 = 0
+        for i, A in enumerate(Ac):
+            r = A.shape[0]
+            if need_a[i]:
+                dAs[i] = dA[r0:r0 + r]
+            r0 += r
+    if any(need_b):
+        xa2 = xa.reshape(-1, xa.shape[-1])
+        o = r0 = 0
+        for i, (B, s) in enumerate(zip(Bc, scales)):
+            d, r = B.shape
+            if need_b[i]:                                                   # s dy_i^T xa_i, (d_i, r_i), contiguous
+                dBs[i] = torch.addmm(B, dY2[:, o:o + d].t(), xa2[:, r0:r0 + r], beta=0, alpha=s)
+            o += d
+            r0 += r
+    return dx, dAs, dBs
+
+
 class _SharedLinearFn(torch.autograd.Function):
     """Outputs x W_i'^T + b_i for every member i (see the module docstring).
 
@@ -184,77 +261,33 @@ class _SharedLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, m: int, *args):
         ws, bs, As, Bs = args[:m], args[m:2 * m], args[2 * m:3 * m], args[3 * m:4 * m]
         scales = args[4 * m]
-        dt = x.dtype
-        Ac = [ops._cast(A, dt) for A in As]
-        Bc = [ops._cast(B, dt) for B in Bs]
+        Ac = [ops._cast(A, x.dtype) for A in As]
+        Bc = [ops._cast(B, x.dtype) for B in Bs]
         need = ctx.needs_input_grad
-        need_a = any(need[2 + 2 * m:2 + 3 * m])
-        need_b = any(need[2 + 3 * m:2 + 4 * m])
-        W = ops.stacked_merged_weight(ws, Bc, Ac, scales)                       # (D, k)
-        # The last member (v) gets its own GEMM and buffer: attention keeps v for its backward,
-        # and a slice would keep the whole (N, D) buffer alive with it. The others share one.
-        dl = ws[-1].shape[0]
-        hd = W.shape[0] - dl
-        outs = []
-        if m > 1:
-            y = F.linear(x, W[:hd], torch.cat(bs[:-1]) if bs[0] is not None else None)   # (..., D - d_m)
-            o = 0
-            for w in ws[:-1]:
-                d = w.shape[0]
-                outs.append(y[..., o:o + d].detach())    # not a view of y for autograd: callers may modify it in place
-                o += d
-        outs.append(F.linear(x, W[hd:], bs[-1]))                            # (..., d_m)
-        del W
-        xa = F.linear(x, torch.cat(Ac)) if need_b else None                 # (..., R), for the dB's
+        outs, xa = shared_forward(x, ws, bs, Ac, Bc, scales, any(need[2 + 3 * m:2 + 4 * m]))
         ctx.m, ctx.scales = m, scales
         ctx.dtypes = [A.dtype for A in As] + [B.dtype for B in Bs]
-        ctx.save_for_backward(x if need_a else None, xa, *ws, *Ac, *Bc)
+        ctx.save_for_backward(x if any(need[2 + 2 * m:2 + 3 * m]) else None, xa, *ws, *Ac, *Bc)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
-        m, scales = ctx.m, ctx.scales
+        m = ctx.m
         x, xa, *rest = ctx.saved_tensors
-        ws, Ac, Bc = rest[:m], rest[m:2 * m], rest[2 * m:]
         need = ctx.needs_input_grad
-        k = ws[0].shape[1]
-        D = sum(w.shape[0] for w in ws)
-        dY = torch.cat(dys, dim=-1)                                         # (..., D)
-        dY2 = dY.view(-1, D)                                                # (N, D)
-        dx = None
-        if need[0]:
-            dx = dY.matmul(ops.stacked_merged_weight(ws, Bc, Ac, scales))       # dY W'   (..., k)
-        dAs = [None] * m
-        dBs = [None] * m
-        if any(need[2 + 2 * m:2 + 3 * m]):
-            same = all(s == scales[0] for s in scales)                      # (the usual case: fold s into alpha)
-            bd = torch.block_diag(*Bc) if same else torch.block_diag(*(B * s for B, s in zip(Bc, scales)))
-            gs = torch.mm(dY2, bd)                                          # (N, R): [dy_i B_i] (times s_i)
-            # dA = s gs^T x, (R, k): one read of x for every A. (addmm with beta=0 ignores its
-            # first argument; a row of W0 has the shape it must broadcast from.)
-            dA = torch.addmm(ws[0][0], gs.t(), x.reshape(-1, k), beta=0, alpha=scales[0] if same else 1.0)
-            r0 = 0
-            for i, A in enumerate(Ac):
-                r = A.shape[0]
-                if need[2 + 2 * m + i]:
-                    dAs[i] = ops._cast(dA[r0:r0 + r], ctx.dtypes[i])
-                r0 += r
-        if any(need[2 + 3 * m:2 + 4 * m]):
-            xa2 = xa.reshape(-1, xa.shape[-1])
-            o = r0 = 0
-            for i, (B, s) in enumerate(zip(Bc, scales)):
-                d, r = B.shape
-                if need[2 + 3 * m + i]:                                     # s dy_i^T xa_i, (d_i, r_i), contiguous
-                    dBs[i] = ops._cast(torch.addmm(B, dY2[:, o:o + d].t(), xa2[:, r0:r0 + r], beta=0, alpha=s),
-                                       ctx.dtypes[m + i])
-                o += d
-                r0 += r
-        return (dx, None) + (None,) * (2 * m) + tuple(dAs) + tuple(dBs) + (None,)
+        dx, dAs, dBs = shared_backward(dys, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, need[0],
+                                       need[2 + 2 * m:2 + 3 * m], need[2 + 3 * m:2 + 4 * m])
+        grads = [None if g is None else ops._cast(g, t) for g, t in zip(dAs + dBs, ctx.dtypes)]
+        return (dx, None) + (None,) * (2 * m) + tuple(grads) + (None,)
 
 
 def shared_linear(x: Tensor, ws: list[Tensor], bs: list[Optional[Tensor]], As: list[Tensor], Bs: list[Tensor],
                   scales: list[float]) -> tuple[Tensor, ...]:
-    """Every member's y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T as one node (no checks: see ``Group``)."""
+    """Every member's y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T as one node (no checks: see ``Group``).
+    Under torch.compile the operator ``lorakit::shared_linear`` (lorakit.compiled)."""
+    if torch.compiler.is_compiling():
+        from . import compiled
+        return compiled.shared_linear(x, ws, bs, As, Bs, scales)
     return _SharedLinearFn.apply(x, len(ws), *ws, *bs, *As, *Bs, tuple(scales))
 
 

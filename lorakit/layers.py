@@ -198,7 +198,7 @@ class LoraLinear(LoraLayer):
         p = a._parameters
         x_drop = F.dropout(x, a.dropout, True) if a.dropout > 0 and self.training else None
         g = self._group
-        if g is not None and x_drop is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if g is not None and x_drop is None and torch.is_grad_enabled():
             y = g.call(self, x)               # q, k, v as one node (lorakit.grouped), when it applies
             if y is not None:
                 return y

@@ -84,6 +84,19 @@ def test_opcheck_gated_mlp():
     torch.library.opcheck(torch.ops.lorakit.gated_mlp.default, args)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_shared_linear(bias):
+    g = torch.Generator().manual_seed(0)
+    k, ds, rs = 8, (6, 4, 4), (2, 2, 3)
+
+    def p(*shape, grad=True):
+        return (torch.randn(*shape, generator=g) * 0.3).requires_grad_(grad)
+    ws = [p(d, k, grad=False) for d in ds]
+    bs = [p(d, grad=False) if bias else None for d in ds]
+    args = (p(3, 5, k), ws, bs, [p(r, k) for r in rs], [p(d, r) for d, r in zip(ds, rs)], [2.0, 2.0, 0.5])
+    torch.library.opcheck(torch.ops.lorakit.shared_linear.default, args)
+
+
 def test_fake_tensors_take_the_fake_kernel_never_the_implementation(monkeypatch):
     """Inductor propagates fake tensors through the graph: the real code (Triton launches on a
     GPU) must never see them; real tensors without gradients go straight to it."""
@@ -176,8 +189,10 @@ def test_compiled_model_runs_the_operators_and_matches_eager():
         layer.compile(backend=rec.backend, fullgraph=True)
     got = loss_and_grads(model, ids)
     torch._dynamo.reset()
-    # layer 0's input needs no gradient: two graphs for two layers, each 4 linears + 1 MLP
-    assert rec.called("lorakit.lora_linear.default") == 8 and rec.called("lorakit.gated_mlp.default") == 2
+    # layer 0's input needs no gradient: two graphs for two layers, each q|k|v as one node,
+    # o_proj and the MLP
+    assert rec.called("lorakit.lora_linear.default") == 2 and rec.called("lorakit.gated_mlp.default") == 2
+    assert rec.called("lorakit.shared_linear.default") == 2 and rec.called("lorakit.shared_linear_backward") == 2
     assert rec.called("lorakit.gated_mlp_backward") == 2
     assert abs(got[0].item() - want[0].item()) <= 1e-6 * abs(want[0].item())
     for a, e in zip(got[1], want[1]):

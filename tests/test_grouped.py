@@ -272,6 +272,33 @@ def test_copies_and_pickles_keep_their_own_group():
         same(grads(c, X), grads(m, X))
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_under_torch_compile(cross):
+    """fullgraph compile: self-attention runs the lorakit::shared_linear operator (forming from
+    the traced calls, no watched forward needed); cross-attention refuses the group while
+    tracing and retraces without it. Both equal the separate nodes."""
+    from lorakit import compiled
+    if not compiled.AVAILABLE:
+        pytest.skip("needs torch.library.register_fake")
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    m = attention()
+    ref = reference(m)
+    kv = torch.randn(4, 16, 32) if cross else None
+    cnt = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(m, backend=cnt, fullgraph=True)
+    for _ in range(2):
+        m.zero_grad(set_to_none=True)
+        x = X.clone().requires_grad_(True)
+        fn(x, kv).sum().backward()
+        got = [x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
+        same((fn(X, kv).detach(), got), grads(ref, X, kv))
+    torch._dynamo.reset()
+    assert m.q_proj._group.refused == cross
+    last = [str(n.target) for n in cnt.graphs[-1].graph.nodes if n.op == "call_function"]
+    assert any("shared_linear" in t for t in last) != cross     # (cross: the first trace had it, then refused)
+
+
 def _pickled(m) -> bytes:
     buf = io.BytesIO()
     torch.save(m, buf)
