@@ -51,6 +51,8 @@ from . import ops
 from .layers import LoraLinear
 
 # Member names of a group, the leader first: the model must call them in this order on one input.
+# The members are those that are LoRA linears (at least two); a plain module among them is
+# called by the model in between as usual.
 NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
 
@@ -297,8 +299,8 @@ def _groups(model: nn.Module):
     for parent in _modules(model):
         mods = parent._modules
         for names in NAMES:
-            members = tuple(mods.get(n) for n in names)
-            if all(type(m) is LoraLinear for m in members):
+            members = tuple(m for m in (mods.get(n) for n in names) if type(m) is LoraLinear)
+            if len(members) >= 2:            # LoRA on q and v only (PEFT's default for Llama) groups those two
                 yield members
 
 

@@ -85,3 +85,15 @@ def test_timeline_splits_idle_gpu_time_into_phases_and_starved_gaps():
     assert res["step"]["gpu_busy_ms"] == 0.09 and res["step"]["wall_ms"] == 0.17
     text = timeline.report(res, "x")
     assert "backward" in text and "Backward" in text
+
+
+def test_host_cost_runs_on_cpu(tmp_path):
+    """bench/host_cost.py end to end on the CPU (2 rounds, few calls): every row is there."""
+    from bench import host_cost
+    assert host_cost.main(["--device", "cpu", "--variants", "bound,lorakit", "--rounds", "2", "--calls", "2",
+                           "--seq", "16", "--out", str(tmp_path / "h")]) == 0
+    import json
+    rows = json.loads((tmp_path / "h.json").read_text())["rows"]
+    steps = {r["name"]: r for r in rows if r["kind"] == "step"}
+    assert set(steps) == {"bound", "lorakit"} and steps["bound"]["extra_ms"] == 0
+    assert all(r["host_us"] > 0 for r in rows if r["kind"] == "op")

@@ -96,6 +96,21 @@ def test_grouped_equals_separate_for_other_scales_and_ranks(monkeypatch):
     assert_close(got, loss_and_grads(ref), 1e-5)
 
 
+def test_lora_on_q_and_v_only_groups_those_two(monkeypatch):
+    """PEFT's default targets for Llama: k_proj stays a plain linear, called between them."""
+    model = tiny_llama().train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, std=0.2)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj._group.members == (attn.q_proj, attn.v_proj)
+    ref = reference(model)
+    count = Count(monkeypatch)
+    loss_and_grads(model)
+    got = loss_and_grads(model)
+    assert count.n == 2
+    assert_close(got, loss_and_grads(ref), 1e-5)
+
+
 def test_float32_adapters_on_a_bfloat16_base():
     model = tiny_llama().train().to(torch.bfloat16)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=ALL7, adapter_dtype="float32"))
