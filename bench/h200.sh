@@ -21,6 +21,7 @@
 #   bash bench/h200.sh s5b         # the longest training sequence per variant at the 1B shape
 #   bash bench/h200.sh s6          # GPU tests, host time per step (bench/host_cost.py), 1B with q/k/v grouped or not
 #   bash bench/h200.sh s6b         # q/k/v grouped under torch.compile too: compiled GPU tests, 1B eager + compiled, 8B eager
+#   bash bench/h200.sh s7          # next: the compiled step's host time (cProfile, timeline)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -116,6 +117,13 @@ case "${1:-}" in
       --out $R/train_step_1b_h200_s6b 2>&1 | tee -a "$LOG"
     timeout 120 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s6b 2>&1 | tee -a "$LOG"
+    ;;
+  s7)
+    # next: where the compiled step's host time goes (its forward waits on the host)
+    timeout 200 python3 bench/host_cost.py --device cuda --variants bound+compile,lorakit+compile \
+      --cprofile lorakit+compile,bound+compile --out $R/host_cost_compiled_h200 2>&1 | tee -a "$LOG"
+    timeout 150 python3 bench/train_step.py --device cuda --size 1b --timeline lorakit+compile \
+      --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s7 2>&1 | tee -a "$LOG"
     ;;
   s5b)
     timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \

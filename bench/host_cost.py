@@ -14,7 +14,8 @@ takes the GPU's work out of the picture to measure the host's side alone:
   ``lorakit.kernels.launch.Direct``, an empty ``autograd.Function``, a whole LoRA linear forward
   and backward against ``nn.Linear``'s).
 
-``--profile`` adds torch.profiler's table of one lorakit step sorted by host time.
+``--profile`` adds torch.profiler's table of one lorakit step sorted by host time;
+``--cprofile VARIANTS`` Python's cProfile of each variant's forward and backward.
 Results: ``--out STEM`` writes STEM.json and STEM.md.
 """
 
@@ -172,6 +173,31 @@ def profile_table(args, dtype) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
 
 
+def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
+    """Python's cProfile of ``steps`` forward + backward calls of variant ``name`` (tiny model):
+    where the host's time goes, by function (own time first)."""
+    import cProfile
+    import io
+    import pstats
+    v = train_step.parse_variant(name)
+    model = common.build_llama(TINY, args.device, dtype, seed=0)
+    ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
+    opt = train_step.setup(v, model)
+    step, forward_loss = train_step.make_step(v, model, opt, ids, labels)
+    for _ in range(5):
+        step()
+    _sync(args.device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        forward_loss().backward()
+    _sync(args.device)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    return f"== cProfile {name}, {steps} x forward + backward\n" + out.getvalue()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -180,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--cprofile", default="", help="comma-separated variants to run under cProfile (Python's "
+                   "view of the host time, e.g. lorakit+compile)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.device == "cpu":
@@ -192,6 +220,8 @@ def main(argv=None) -> int:
     rows += op_costs(args, dtype)
     if args.profile:
         print(profile_table(args, dtype))
+    for name in filter(None, args.cprofile.split(",")):
+        print(cprofile_table(name, args, dtype))
     meta = common.env_info(args.device)
     meta.update(title=f"Host time per step and per operation, {args.device}", seq=args.seq, rounds=args.rounds,
                 setup=f"Llama shape hidden 64, 16 layers, MLP 256 (GPU work negligible), batch 1 x {args.seq}, "
