@@ -106,7 +106,9 @@ class Group:
             self.pending = {i: outs[i] for i in range(1, len(members))}
             self.px, self.pv = x, 0 if compiling else x._version
             return outs[0]
-        i = members.index(m)
+        i = next((j for j, o in enumerate(members) if o is m), None)
+        if i is None:                     # a shallow copy of a member (nn.DataParallel's replicas share
+            return None                   # the original's __dict__): not this group's, runs its own node
         p = self.pending
         if p is not None:
             out = p.pop(i, None)

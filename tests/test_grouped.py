@@ -314,6 +314,18 @@ def test_under_torch_compile(cross):
     assert any("shared_linear" in t for t in last) != cross     # (cross: the first trace had it, then refused)
 
 
+def test_shallow_copies_run_their_own_nodes(monkeypatch):
+    """nn.DataParallel's replicas are shallow copies that share the original's Group: they must
+    neither crash nor take the original's outputs."""
+    m, count = attention(), Count(monkeypatch)
+    grads(m, X)
+    c = copy.copy(m)
+    c._modules = {k: copy.copy(v) for k, v in m._modules.items()}
+    assert c.q_proj._group is m.q_proj._group
+    same(grads(c, X), grads(reference(m), X))
+    assert count.n == 0
+
+
 def _pickled(m) -> bytes:
     buf = io.BytesIO()
     torch.save(m, buf)
