@@ -60,12 +60,14 @@ class Group:
     """Sibling LoRA linears of one parent module that read the same input, and what is pending.
 
     Not a module (kept in each member's ``__dict__`` as ``_group``): pickles and deep-copies with
-    the model, without the pending outputs."""
+    the model, without the pending outputs. It refers to its members weakly: the members refer
+    to it, and a cycle would keep a deleted model's GPU memory until Python's cycle collector
+    ran."""
 
-    __slots__ = ("members", "seen", "confirmed", "refused", "last", "pending", "px", "pv", "__weakref__")
+    __slots__ = ("refs", "seen", "confirmed", "refused", "last", "pending", "px", "pv", "__weakref__")
 
     def __init__(self, members: tuple[LoraLinear, ...]) -> None:
-        self.members = members
+        self.refs = tuple(weakref.ref(m) for m in members)
         self.seen: set[int] = set()          # indices of members seen called with the leader's input
         self.confirmed = False
         self.refused = False
@@ -73,6 +75,10 @@ class Group:
         self.pending: Optional[dict] = None  # member index -> its output, computed by the leader
         self.px: Optional[Tensor] = None     # the input those outputs are for
         self.pv = 0                          # its version then
+
+    @property
+    def members(self) -> tuple[LoraLinear, ...]:
+        return tuple(r() for r in self.refs)
 
     def __getstate__(self):
         return dict(members=self.members, seen=set(self.seen), confirmed=self.confirmed, refused=self.refused)

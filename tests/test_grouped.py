@@ -326,6 +326,21 @@ def test_shallow_copies_run_their_own_nodes(monkeypatch):
     assert count.n == 0
 
 
+def test_a_deleted_model_is_freed_without_the_cycle_collector():
+    import gc
+    import weakref
+    m = attention()
+    grads(m, X)
+    grads(m, X)
+    gone = weakref.ref(m.q_proj)
+    gc.disable()
+    try:
+        del m
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def _pickled(m) -> bytes:
     buf = io.BytesIO()
     torch.save(m, buf)
