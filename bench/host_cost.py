@@ -39,15 +39,21 @@ def _sync(device: str) -> None:
     common.sync(device)
 
 
+def tiny_variant(name: str, args, dtype):
+    """(model, optimizer, step, forward_loss) of variant ``name`` on the tiny model, batch 1 x ``args.seq``."""
+    v = train_step.parse_variant(name)
+    model = common.build_llama(TINY, args.device, dtype, seed=0)
+    ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
+    opt = train_step.setup(v, model)
+    step, forward_loss = train_step.make_step(v, model, opt, ids, labels)
+    return model, opt, step, forward_loss
+
+
 def step_costs(variants: list[str], args, dtype) -> list[dict]:
     """Host ms per phase for each variant, stepped in turn for ``args.rounds`` rounds."""
     ps = []
     for name in variants:
-        v = train_step.parse_variant(name)
-        model = common.build_llama(TINY, args.device, dtype, seed=0)
-        ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
-        opt = train_step.setup(v, model)
-        _, forward_loss = train_step.make_step(v, model, opt, ids, labels)
+        model, opt, _, forward_loss = tiny_variant(name, args, dtype)
         ps.append(dict(name=name, fl=forward_loss, opt=opt, model=model, f=[], b=[], o=[], s=[]))
 
     def one(p):
@@ -158,11 +164,7 @@ def op_costs(args, dtype) -> list[dict]:
 
 def profile_table(args, dtype) -> str:
     from torch.profiler import ProfilerActivity, profile
-    v = train_step.parse_variant("lorakit")
-    model = common.build_llama(TINY, args.device, dtype, seed=0)
-    ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
-    opt = train_step.setup(v, model)
-    step, _ = train_step.make_step(v, model, opt, ids, labels)
+    _, _, step, _ = tiny_variant("lorakit", args, dtype)
     for _ in range(5):
         step()
     _sync(args.device)
@@ -179,11 +181,7 @@ def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
     import cProfile
     import io
     import pstats
-    v = train_step.parse_variant(name)
-    model = common.build_llama(TINY, args.device, dtype, seed=0)
-    ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
-    opt = train_step.setup(v, model)
-    step, forward_loss = train_step.make_step(v, model, opt, ids, labels)
+    _, _, step, forward_loss = tiny_variant(name, args, dtype)
     for _ in range(5):
         step()
     _sync(args.device)

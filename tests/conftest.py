@@ -63,6 +63,34 @@ class CNN(nn.Module):
 
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+TOKENS64 = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))   # 64 tokens: fused / grouped apply
+
+
+def loss_and_grads(model, ids=TOKENS64):
+    """(the language-model loss, {name: gradient}) of one forward and backward on ``ids``."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(a, b, rel):
+    """Two ``loss_and_grads`` results agree: the loss and every gradient to relative ``rel``."""
+    la, ga = a
+    lb, gb = b
+    assert abs(la.item() - lb.item()) <= rel * abs(lb.item())
+    assert sorted(ga) == sorted(gb)
+    for n in gb:
+        err = (ga[n].float() - gb[n].float()).norm() / gb[n].float().norm()
+        assert err < rel, (n, err.item())
+
+
+def rel_errors(got, want):
+    """Relative error of the loss and of every gradient of ``got`` against ``want``."""
+    errs = {"loss": abs(got[0].item() - want[0].item()) / abs(want[0].item())}
+    for n, g in want[1].items():
+        errs[n] = ((got[1][n].float() - g.float()).norm() / g.float().norm()).item()
+    return errs
 
 
 def run(model, x=IDS):

@@ -14,12 +14,12 @@ from torch import nn
 
 import lorakit
 from lorakit import fused
-from conftest import randomize_adapters, tiny_llama
+from conftest import TOKENS64, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IDS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))   # 64 tokens: fused applies
+IDS = TOKENS64
 
 
 def lora_llama(targets=ALL7, **cfg):
@@ -40,23 +40,6 @@ class Count:
             self.n += 1
             return orig(*args)
         monkeypatch.setattr(fused._GatedMlpFn, "apply", apply)
-
-
-def loss_and_grads(model, ids=IDS):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_close(a, b, rel):
-    la, ga = a
-    lb, gb = b
-    assert abs(la.item() - lb.item()) <= rel * abs(lb.item())
-    assert sorted(ga) == sorted(gb)
-    for n in gb:
-        err = (ga[n].float() - gb[n].float()).norm() / gb[n].float().norm()
-        assert err < rel, (n, err.item())
 
 
 def fused_vs_unfused(model, ids=IDS):
@@ -144,14 +127,6 @@ def test_only_lora_b_trains(monkeypatch):
     got, want = fused_vs_unfused(model)
     assert count.n == 2 and all("lora_B" in n for n in got[1])
     assert_close(got, want, 1e-5)
-
-
-def rel_errors(got, want):
-    """Relative error of the loss and of every gradient of ``got`` against ``want``."""
-    errs = {"loss": abs(got[0].item() - want[0].item()) / abs(want[0].item())}
-    for n, g in want[1].items():
-        errs[n] = ((got[1][n].float() - g.float()).norm() / g.float().norm()).item()
-    return errs
 
 
 def check_bfloat16(monkeypatch, device):

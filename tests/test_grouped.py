@@ -14,12 +14,12 @@ from torch import nn
 
 import lorakit
 from lorakit import grouped
-from conftest import randomize_adapters, tiny_llama
+from conftest import TOKENS64, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IDS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))   # 64 tokens: merged form
+IDS = TOKENS64
 
 
 class Count:
@@ -42,27 +42,21 @@ def lora_llama(**cfg):
     return model
 
 
-def loss_and_grads(model, ids=IDS):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_close(a, b, rel):
-    la, ga = a
-    lb, gb = b
-    assert abs(la.item() - lb.item()) <= rel * abs(lb.item())
-    assert sorted(ga) == sorted(gb)
-    for n in gb:
-        err = (ga[n].float() - gb[n].float()).norm() / gb[n].float().norm()
-        assert err < rel, (n, err.item())
-
-
 def reference(model):
     ref = copy.deepcopy(model)
     grouped.detach(ref)
     return ref
+
+
+def assert_grouped_like_separate(model, monkeypatch, nodes=2):
+    """A watched forward, then a grouped one (``nodes`` group runs), equal to separate nodes."""
+    ref = reference(model)
+    count = Count(monkeypatch)
+    loss_and_grads(model)
+    got = loss_and_grads(model)
+    assert count.n == nodes
+    assert_close(got, loss_and_grads(ref), 1e-5)
+    return got
 
 
 # ---------------------------------------------------------------------------- in a Llama
@@ -88,12 +82,7 @@ def test_grouped_equals_separate_for_other_scales_and_ranks(monkeypatch):
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=ALL7, rank_pattern={"k_proj": 2},
                                              alpha_pattern={"v_proj": 3}))
     randomize_adapters(model, std=0.2)
-    ref = reference(model)
-    count = Count(monkeypatch)
-    loss_and_grads(model)
-    got = loss_and_grads(model)
-    assert count.n == 2
-    assert_close(got, loss_and_grads(ref), 1e-5)
+    assert_grouped_like_separate(model, monkeypatch)
 
 
 def test_lora_on_q_and_v_only_groups_those_two(monkeypatch):
@@ -103,12 +92,7 @@ def test_lora_on_q_and_v_only_groups_those_two(monkeypatch):
     randomize_adapters(model, std=0.2)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj._group.members == (attn.q_proj, attn.v_proj)
-    ref = reference(model)
-    count = Count(monkeypatch)
-    loss_and_grads(model)
-    got = loss_and_grads(model)
-    assert count.n == 2
-    assert_close(got, loss_and_grads(ref), 1e-5)
+    assert_grouped_like_separate(model, monkeypatch)
 
 
 def test_float32_adapters_on_a_bfloat16_base():
@@ -128,11 +112,8 @@ def test_frozen_adapters_and_no_input_gradient(monkeypatch):
     for n, p in model.named_parameters():
         if "lora_A" in n:
             p.requires_grad_(False)
-    ref = reference(model)
-    loss_and_grads(model)
-    got = loss_and_grads(model)
+    got = assert_grouped_like_separate(model, monkeypatch)
     assert all("lora_A" not in n for n in got[1])
-    assert_close(got, loss_and_grads(ref), 1e-5)
 
 
 def test_not_formed_where_it_does_not_apply(monkeypatch):
@@ -348,10 +329,6 @@ def _pickled(m) -> bytes:
 
 
 # ---------------------------------------------------------------------------- bfloat16
-def rel_errors(got, want):
-    return {n: ((got[1][n].float() - want[1][n].float()).norm() / want[1][n].float().norm()).item() for n in want[1]}
-
-
 def check_bfloat16(monkeypatch, device):
     """bfloat16, grouped and separate, each against the float32 model: the grouped node is no
     less accurate than the separate layers (on the GPU it builds W' with the Triton kernel,
