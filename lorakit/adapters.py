@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from . import grouped
 from .errors import AdapterNotFound, LoraError, MergedStateError
 from .inject import find_state, get_submodule_parent, lora_layers, saved_modules, unwrap_all
 from .layers import LoraState
@@ -107,6 +108,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         st.active = next(iter(st.configs), None)
     if not st.configs:
         model.__dict__.pop("_lorakit_state", None)
+    grouped.attach(model)               # q/k/v groups of the layers that are left
 
 
 def _put_back(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .fused import _global_hooks, _hooked, _modules
 from .layers import LoraLinear
 
 # Member names of a group, the leader first: the model must call them in this order on one input.
@@ -106,7 +107,7 @@ class Group:
             if not self.confirmed and not compiling:
                 self.last = weakref.ref(x)
                 return None
-            outs = self._run(x)
+            outs = self._run(members, x)
             if outs is None:
                 return None
             self.pending = {i: outs[i] for i in range(1, len(members))}
@@ -136,12 +137,13 @@ class Group:
                 self.refused, self.last = True, None
         return None
 
-    def _run(self, x: Tensor) -> Optional[tuple[Tensor, ...]]:
+    def _run(self, members: tuple, x: Tensor) -> Optional[tuple[Tensor, ...]]:
         """All members' outputs as one node, or None when the conditions (module docstring) fail."""
-        first = self.members[0]
-        st = first.state
+        if any(m is None for m in members):       # a member was dropped from the model and freed
+            return None
+        st = members[0].state
         name = st.active
-        if st.disabled or st.rows is not None or name is None or _hooks():
+        if st.disabled or st.rows is not None or name is None or _global_hooks():
             return None
         if torch.compiler.is_compiling():
             from . import compiled
@@ -149,7 +151,7 @@ class Group:
                 return None
         ws, bs, As, Bs, scales = [], [], [], [], []
         trainable = x.requires_grad
-        for m in self.members:
+        for m in members:
             if m.state is not st or m.merged_name is not None or m.fan_in_fan_out:
                 return None
             base = m._modules["base"]
@@ -168,7 +170,7 @@ class Group:
             trainable = trainable or As[-1].requires_grad or Bs[-1].requires_grad
         if not trainable or any(b is not None and b.requires_grad for b in bs):
             return None
-        if (bs[0] is None) != all(b is None for b in bs) or any((b is None) != (bs[0] is None) for b in bs):
+        if any((b is None) != (bs[0] is None) for b in bs):                  # biases in all or none
             return None
         k = ws[0].shape[1]
         if x.shape[-1] != k or any(w.shape[1] != k for w in ws):
@@ -180,16 +182,6 @@ class Group:
         if not all(ops.merged_is_cheaper(n, w.shape[0], k, True) for w in ws):
             return None
         return shared_linear(x, ws, bs, As, Bs, scales)
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _hooks() -> bool:
-    mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-                or mod._global_backward_pre_hooks)
 
 
 # ---------------------------------------------------------------------------- the node
@@ -303,7 +295,6 @@ def shared_linear(x: Tensor, ws: list[Tensor], bs: list[Optional[Tensor]], As: l
 
 # ---------------------------------------------------------------------------- attach / detach
 def _groups(model: nn.Module):
-    from .fused import _modules
     for parent in _modules(model):
         mods = parent._modules
         for names in NAMES:
@@ -313,27 +304,32 @@ def _groups(model: nn.Module):
 
 
 def attach(model: nn.Module) -> int:
-    """Link the members of every q/k/v-style group of LoRA linears (idempotent); how many groups."""
-    n = 0
+    """Link the members of every q/k/v-style group of LoRA linears, and unlink layers that no
+    longer belong to one (after ``delete_adapter`` put a member's base back). Idempotent;
+    returns how many groups are linked."""
+    linked = set()
     for members in _groups(model):
-        if members[0].__dict__.get("_group") is None or members[0]._group.members != members:
+        g = members[0].__dict__.get("_group")
+        if g is None or g.members != members or any(m.__dict__.get("_group") is not g for m in members):
             g = Group(members)
             for m in members:
                 m.__dict__["_group"] = g
-        n += 1
-    return n
+        linked.update(id(m) for m in members)
+    for m in _modules(model):
+        if type(m) is LoraLinear and id(m) not in linked:
+            m.__dict__.pop("_group", None)
+    return attached(model)
 
 
 def detach(model: nn.Module) -> int:
     """Unlink every group: each member runs its own node again. How many groups were linked."""
-    n = 0
-    for members in _groups(model):
-        if members[0].__dict__.get("_group") is not None:
-            n += 1
-        for m in members:
+    n = attached(model)
+    for m in _modules(model):
+        if type(m) is LoraLinear:
             m.__dict__.pop("_group", None)
     return n
 
 
 def attached(model: nn.Module) -> int:
+    """How many groups of ``model`` are linked."""
     return sum(members[0].__dict__.get("_group") is not None for members in _groups(model))

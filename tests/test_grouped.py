@@ -95,6 +95,25 @@ def test_lora_on_q_and_v_only_groups_those_two(monkeypatch):
     assert_grouped_like_separate(model, monkeypatch)
 
 
+def test_deleting_an_adapter_relinks_the_layers_that_are_left(monkeypatch):
+    """Adapter "a" on q, k, v and "b" on q, v: deleting "a" puts k's base back; q and v form a
+    group of two (a stale group would still list the freed k)."""
+    model = tiny_llama().train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]), name="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), name="b")
+    randomize_adapters(model, std=0.2)
+    loss_and_grads(model)
+    loss_and_grads(model)
+    lorakit.delete_adapter(model, "a")
+    attn = model.model.layers[0].self_attn
+    assert type(attn.k_proj) is nn.Linear and attn.q_proj._group.members == (attn.q_proj, attn.v_proj)
+    assert lorakit.active_adapter(model) == "b"
+    assert_grouped_like_separate(model, monkeypatch)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), name="c")
+    lorakit.delete_adapter(model, "b")                   # only q is left with LoRA: no group
+    assert grouped.attached(model) == 0 and attn.q_proj._group is None
+
+
 def test_float32_adapters_on_a_bfloat16_base():
     model = tiny_llama().train().to(torch.bfloat16)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=ALL7, adapter_dtype="float32"))
