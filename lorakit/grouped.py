@@ -25,21 +25,28 @@ summed in another order (float32: equal to 1e-6; tests compare).
 **How the members meet.** The model calls the three modules itself, one after the other. The
 first member (the *leader*, e.g. q_proj) computes all outputs and keeps the others' until
 they are called with the same tensor x (same object, same version); then each takes its own.
-A group only forms after one forward in which the members were seen called with the
-leader's input (so cross-attention, where k and v read another tensor, never forms one), and
-stops for good the first time a member is called with anything else. Under torch.compile
-the node is the opaque operator ``lorakit::shared_linear`` (lorakit.compiled), and the group
-forms from the traced code's own calls. Conditions per call (else every member runs its own
-node): gradients on, one active adapter present in every member with no
-dropout while training, no merge or per-row batch, frozen ``nn.Linear`` bases of x's dtype,
-biases in all or none, no hooks, no autocast to another dtype, and the merged form chosen
-for every member (``ops.merged_is_cheaper``: training-sized inputs).
+Whether a parent's members read one input is decided once per parent class, from the source
+of its ``forward`` (``calls_on_one_input``, with ``ast``): the members must be called as
+``self.q_proj(X)``, ``self.k_proj(X)``, ``self.v_proj(X)`` in that order, in statements at the
+top level of ``forward`` (never inside a branch or loop), on one variable X that ``forward``
+never assigns. Cross-attention (k and v read another variable), other orders and anything the
+check cannot read run as separate nodes, and so does any call whose tensor is not the leader's
+after all. The decision never changes from one call to the next, so a forward and its
+recomputation under activation checkpointing save the same tensors. Under torch.compile the
+node is the opaque operator ``lorakit::shared_linear`` (lorakit.compiled). Conditions per call
+(else every member runs its own node): gradients on, one active adapter present in every
+member with no dropout while training, no merge or per-row batch, frozen ``nn.Linear`` bases
+of x's dtype, biases in all or none, no hooks, no autocast to another dtype, and the merged
+form chosen for every member (``ops.merged_is_cheaper``: training-sized inputs).
 
 ``attach(model)`` links the members (``inject`` calls it), ``detach`` unlinks them.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 import weakref
 from typing import Optional
 
@@ -51,9 +58,9 @@ from . import ops
 from .fused import _global_hooks, _hooked, _modules
 from .layers import LoraLinear
 
-# Member names of a group, the leader first: the model must call them in this order on one input.
-# The members are those that are LoRA linears (at least two); a plain module among them is
-# called by the model in between as usual.
+# Member names of a group, the leader first: the parent's forward must call them in this order
+# on one input (``calls_on_one_input``). The members are those that are LoRA linears (at least
+# two); a plain module among them is called by the model in between as usual.
 NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
 
@@ -65,14 +72,10 @@ class Group:
     to it, and a cycle would keep a deleted model's GPU memory until Python's cycle collector
     ran."""
 
-    __slots__ = ("refs", "seen", "confirmed", "refused", "last", "pending", "px", "pv", "__weakref__")
+    __slots__ = ("refs", "pending", "px", "pv", "__weakref__")
 
     def __init__(self, members: tuple[LoraLinear, ...]) -> None:
         self.refs = tuple(weakref.ref(m) for m in members)
-        self.seen: set[int] = set()          # indices of members seen called with the leader's input
-        self.confirmed = False
-        self.refused = False
-        self.last = None                     # weakref to the leader's last input (until confirmed)
         self.pending: Optional[dict] = None  # member index -> its output, computed by the leader
         self.px: Optional[Tensor] = None     # the input those outputs are for
         self.pv = 0                          # its version then
@@ -82,59 +85,37 @@ class Group:
         return tuple(r() for r in self.refs)
 
     def __getstate__(self):
-        return dict(members=self.members, seen=set(self.seen), confirmed=self.confirmed, refused=self.refused)
+        return dict(members=self.members)
 
     def __setstate__(self, state) -> None:
         self.__init__(state["members"])
-        self.seen, self.confirmed, self.refused = state["seen"], state["confirmed"], state["refused"]
 
     def _drop(self) -> None:
         self.pending = self.px = None
 
     def call(self, m: LoraLinear, x: Tensor) -> Optional[Tensor]:
         """Member ``m``'s output for x if the group computes it, else None (m runs its own node).
-
-        While torch.compile traces, the pattern is the traced code's own: the group forms
-        without a watched forward (a member called with another tensor refuses it, and the
-        guard on ``refused`` retraces), and the tensors' versions are not checked (the graph
-        is functional)."""
-        if self.refused:
-            return None
+        (While torch.compile traces, tensor versions are not checked: the graph is functional.)"""
         compiling = torch.compiler.is_compiling()
         members = self.members
         if m is members[0]:
             self._drop()
-            if not self.confirmed and not compiling:
-                self.last = weakref.ref(x)
-                return None
             outs = self._run(members, x)
             if outs is None:
                 return None
             self.pending = {i: outs[i] for i in range(1, len(members))}
             self.px, self.pv = x, 0 if compiling else x._version
             return outs[0]
-        i = next((j for j, o in enumerate(members) if o is m), None)
-        if i is None:                     # a shallow copy of a member (nn.DataParallel's replicas share
-            return None                   # the original's __dict__): not this group's, runs its own node
         p = self.pending
-        if p is not None:
-            out = p.pop(i, None)
-            if out is not None and self.px is x and (compiling or x._version == self.pv):
-                if not p:
-                    self._drop()
-                return out
-            self._drop()
-            if out is not None:               # called with another input than the leader's
-                self.refused = True
-            return None
-        if not self.confirmed and not compiling:
-            last = self.last() if self.last is not None else None
-            if last is x:
-                self.seen.add(i)
-                if len(self.seen) == len(members) - 1:
-                    self.confirmed, self.last = True, None
-            else:
-                self.refused, self.last = True, None
+        i = next((j for j, o in enumerate(members) if o is m), None)
+        if p is None or i is None:            # (None: a shallow copy of a member, e.g. an nn.DataParallel
+            return None                       # replica, which shares the original's __dict__)
+        out = p.pop(i, None)
+        if out is not None and self.px is x and (compiling or x._version == self.pv):
+            if not p:
+                self._drop()
+            return out
+        self._drop()                          # another input than the leader's: each computes its own
         return None
 
     def _run(self, members: tuple, x: Tensor) -> Optional[tuple[Tensor, ...]]:
@@ -294,13 +275,56 @@ def shared_linear(x: Tensor, ws: list[Tensor], bs: list[Optional[Tensor]], As: l
 
 
 # ---------------------------------------------------------------------------- attach / detach
+_ONE_INPUT: dict = {}
+
+
+def calls_on_one_input(cls: type, names: tuple[str, ...]) -> bool:
+    """Whether ``cls.forward`` calls ``self.<name>(X)`` for every name in ``names``, in that
+    order, each once, in statements at the top level of the function, with one positional
+    argument X: the same variable, which the function never assigns. Cached per class."""
+    key = (cls, names)
+    ok = _ONE_INPUT.get(key)
+    if ok is None:
+        ok = _ONE_INPUT[key] = _check_source(cls.forward, names)
+    return ok
+
+
+def _check_source(fn, names: tuple[str, ...]) -> bool:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    if not isinstance(tree, ast.FunctionDef):
+        return False
+    found = {}                                            # name -> (statement index, position, argument)
+    for si, stmt in enumerate(tree.body):
+        for node in ast.walk(stmt):
+            f = node.func if isinstance(node, ast.Call) else None
+            if (isinstance(f, ast.Attribute) and f.attr in names and isinstance(f.value, ast.Name)
+                    and f.value.id == "self"):
+                if f.attr in found or isinstance(stmt, (ast.If, ast.For, ast.While, ast.With, ast.Try)):
+                    return False                          # called twice, or in a branch or loop
+                if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Name):
+                    return False
+                found[f.attr] = (si, node.lineno, node.col_offset, node.args[0].id)
+    if set(found) != set(names) or len({v[3] for v in found.values()}) != 1:
+        return False
+    order = [found[n][:3] for n in names]
+    if order != sorted(order):
+        return False
+    var = found[names[0]][3]
+    return not any(isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, (ast.Store, ast.Del))
+                   for n in ast.walk(tree))
+
+
 def _groups(model: nn.Module):
     for parent in _modules(model):
         mods = parent._modules
         for names in NAMES:
-            members = tuple(m for m in (mods.get(n) for n in names) if type(m) is LoraLinear)
-            if len(members) >= 2:            # LoRA on q and v only (PEFT's default for Llama) groups those two
-                yield members
+            present = tuple(n for n in names if type(mods.get(n)) is LoraLinear)
+            # LoRA on q and v only (PEFT's default for Llama) groups those two; k runs between them
+            if len(present) >= 2 and calls_on_one_input(type(parent), present):
+                yield tuple(mods[n] for n in present)
 
 
 def attach(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """q, k and v as one node (lorakit.grouped): the same function and gradients as three LoRA
-linears (float32: relative error < 1e-5), formed only when the model calls the members on one
-input, undone on any other pattern, invisible to copying, pickling and in-place edits of the
-outputs. GPU test (bfloat16, Triton W' builder: < 1e-2) marked ``gpu``."""
+linears (float32: relative error < 1e-5), formed only where the parent's forward calls the
+members on one input (read from its source), the same decision in every call (activation
+checkpointing recomputes the same node), invisible to copying, pickling and in-place edits of
+the outputs. GPU test (bfloat16, Triton W' builder: < 1e-2) marked ``gpu``."""
 
 from __future__ import annotations
 
@@ -49,10 +50,9 @@ def reference(model):
 
 
 def assert_grouped_like_separate(model, monkeypatch, nodes=2):
-    """A watched forward, then a grouped one (``nodes`` group runs), equal to separate nodes."""
+    """One forward and backward with ``nodes`` group runs, equal to separate nodes."""
     ref = reference(model)
     count = Count(monkeypatch)
-    loss_and_grads(model)
     got = loss_and_grads(model)
     assert count.n == nodes
     assert_close(got, loss_and_grads(ref), 1e-5)
@@ -60,21 +60,28 @@ def assert_grouped_like_separate(model, monkeypatch, nodes=2):
 
 
 # ---------------------------------------------------------------------------- in a Llama
-def test_inject_links_q_k_v_and_the_group_forms_after_one_forward(monkeypatch):
+def test_inject_links_q_k_v_and_every_forward_runs_one_node_per_layer(monkeypatch):
     model = lora_llama()
     assert grouped.attached(model) == 2
-    ref = reference(model)
-    count = Count(monkeypatch)
-    first = loss_and_grads(model)
-    assert count.n == 0                                  # the first forward only watches
-    second = loss_and_grads(model)
-    assert count.n == 2                                  # one node per layer from then on
-    want = loss_and_grads(ref)
-    assert_close(first, want, 1e-5)
-    assert_close(second, want, 1e-5)
+    for _ in range(2):
+        assert_grouped_like_separate(model, monkeypatch)
     for layer in model.model.layers:
-        g = layer.self_attn.q_proj._group
-        assert g.confirmed and not g.refused and g.pending is None    # every output was taken
+        assert layer.self_attn.q_proj._group.pending is None       # every output was taken
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_node(monkeypatch, reentrant):
+    """Non-reentrant checkpointing checks that the recomputation saves what the forward saved."""
+    model = lora_llama()
+    ref = reference(model)
+    for m in (model, ref):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    count = Count(monkeypatch)
+    for _ in range(2):
+        got = loss_and_grads(model)
+    # 2 layers, 2 steps; the reentrant forward runs without gradients (no node), only its recomputation
+    assert count.n == (4 if reentrant else 8)
+    assert_close(got, loss_and_grads(ref), 1e-5)
 
 
 def test_grouped_equals_separate_for_other_scales_and_ranks(monkeypatch):
@@ -139,14 +146,11 @@ def test_not_formed_where_it_does_not_apply(monkeypatch):
     count = Count(monkeypatch)
     model = lora_llama(dropout=0.1)                      # dropout while training: separate nodes
     loss_and_grads(model)
-    loss_and_grads(model)
     assert count.n == 0
-    model.eval()                                         # no dropout in eval mode: one node (after watching once)
-    loss_and_grads(model)
+    model.eval()                                         # no dropout in eval mode: one node
     loss_and_grads(model)
     assert count.n == 2
     model = lora_llama()
-    loss_and_grads(model)
     short = IDS[:1, :4]                                  # 4 tokens: the unmerged form, separate nodes
     loss_and_grads(model, short)
     with torch.no_grad():
@@ -163,7 +167,6 @@ def test_not_formed_where_it_does_not_apply(monkeypatch):
 
 def test_unload_detaches_and_the_outputs_may_be_modified_in_place():
     model = lora_llama()
-    loss_and_grads(model)
     q = model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32, 32, requires_grad=True)
     a = q(x)
@@ -178,24 +181,58 @@ def test_unload_detaches_and_the_outputs_may_be_modified_in_place():
 
 # ---------------------------------------------------------------------------- call patterns
 class Attention(nn.Module):
-    """q, k, v on one input, or on ``kv`` (cross-attention), in a chosen order."""
+    """q, k and v called on one input, as attention blocks do."""
 
     def __init__(self, bias=False):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(32, n, bias=bias) for n in (32, 16, 16))
-        self.order = "qkv"
 
     def forward(self, x, kv=None):
-        kv = x if kv is None else kv
-        outs = {}
-        for name in self.order:
-            outs[name] = getattr(self, name + "_proj")(x if name == "q" else kv)
-        return outs["q"].sum(-1, keepdim=True) * outs["k"].mean(-1, keepdim=True) + outs["v"].square().mean()
+        q = self.q_proj(x)
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
 
 
-def attention(bias=False, **cfg):
+class CrossAttention(Attention):
+    def forward(self, x, kv=None):
+        q = self.q_proj(x)
+        k = self.k_proj(kv)
+        v = self.v_proj(kv)
+        return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
+
+
+class Reordered(Attention):
+    def forward(self, x, kv=None):
+        k = self.k_proj(x)
+        q = self.q_proj(x)
+        v = self.v_proj(x)
+        return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
+
+
+class Branching(Attention):
+    def forward(self, x, kv=None):
+        q = self.q_proj(x)
+        if kv is None:
+            k = self.k_proj(x)
+        else:
+            k = self.k_proj(kv)
+        v = self.v_proj(x)
+        return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
+
+
+class Reassigning(Attention):
+    def forward(self, x, kv=None):
+        q = self.q_proj(x)
+        x = x * 2
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
+
+
+def attention(cls=Attention, bias=False, **cfg):
     torch.manual_seed(0)
-    m = Attention(bias)
+    m = cls(bias)
     lorakit.inject(m, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], **cfg))
     randomize_adapters(m, std=0.2)
     return m
@@ -217,61 +254,47 @@ def same(a, b, rel=1e-5):
 
 
 X = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+KV = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2))
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_self_attention_groups(monkeypatch, bias):
-    m = attention(bias)
+    m = attention(bias=bias)
     ref = reference(m)
     count = Count(monkeypatch)
-    for _ in range(3):
+    for _ in range(2):
         same(grads(m, X), grads(ref, X))
     assert count.n == 2
 
 
-def test_cross_attention_never_groups(monkeypatch):
+@pytest.mark.parametrize("cls", [CrossAttention, Reordered, Branching, Reassigning])
+def test_other_call_patterns_never_group(monkeypatch, cls):
+    """k and v on another variable, another order, a call in a branch, the input reassigned."""
+    assert not grouped.calls_on_one_input(cls, ("q_proj", "k_proj", "v_proj"))
+    m, count = attention(cls), Count(monkeypatch)
+    assert grouped.attached(m) == 0
+    same(grads(m, X, KV), grads(attention(cls), X, KV))
+    assert count.n == 0
+
+
+def test_calls_on_another_tensor_run_separately(monkeypatch):
+    """The source says one input; a caller passing another tensor to k still gets k of it."""
     m, count = attention(), Count(monkeypatch)
     ref = reference(m)
-    kv = torch.randn(4, 16, 32)
-    for _ in range(3):
-        same(grads(m, X, kv), grads(ref, X, kv))
-    assert count.n == 0 and m.q_proj._group.refused
-
-
-def test_other_call_orders_never_group(monkeypatch):
-    m, count = attention(), Count(monkeypatch)
-    m.order = "kqv"
-    ref = reference(m)
-    for _ in range(3):
-        same(grads(m, X), grads(ref, X))
-    assert count.n == 0 and m.q_proj._group.refused
-
-
-def test_a_changed_pattern_after_forming_stops_the_group(monkeypatch):
-    m, count = attention(), Count(monkeypatch)
-    ref = reference(m)
-    grads(m, X)
-    grads(m, X)
-    assert count.n == 1
-    kv = torch.randn(4, 16, 32)
-    same(grads(m, X, kv), grads(ref, X, kv))              # k reads another tensor: computed on its own
-    assert m.q_proj._group.refused and m.q_proj._group.pending is None
-    same(grads(m, X), grads(ref, X))
-    assert count.n == 2                                   # the one that was refused; none after
-
-
-def test_a_leader_called_alone_never_groups(monkeypatch):
-    m, count = attention(), Count(monkeypatch)
-    for _ in range(3):
-        m.q_proj(X).sum().backward()
-    assert count.n == 0 and not m.q_proj._group.confirmed
+    want = [ref.q_proj(X), ref.k_proj(KV), ref.v_proj(X)]
+    got = [m.q_proj(X), m.k_proj(KV), m.v_proj(X)]
+    assert count.n == 1 and m.q_proj._group.pending is None
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+    for _ in range(2):                                    # the leader alone: its own output, each time
+        assert torch.allclose(m.q_proj(X), ref.q_proj(X), atol=1e-6)
 
 
 def test_mixed_biases_run_separately(monkeypatch):
     m, count = attention(), Count(monkeypatch)
     m.k_proj.base.bias = nn.Parameter(torch.zeros(16), requires_grad=False)
     ref = reference(m)
-    for _ in range(3):
+    for _ in range(2):
         same(grads(m, X), grads(ref, X))
     assert count.n == 0
 
@@ -279,46 +302,42 @@ def test_mixed_biases_run_separately(monkeypatch):
 def test_copies_and_pickles_keep_their_own_group():
     m = attention()
     grads(m, X)
-    grads(m, X)
     for c in (copy.deepcopy(m), torch.load(io.BytesIO(_pickled(m)), weights_only=False)):
         g = c.q_proj._group
         assert g is c.k_proj._group is c.v_proj._group and g.members == (c.q_proj, c.k_proj, c.v_proj)
-        assert g.confirmed and g.pending is None
+        assert g.pending is None
         same(grads(c, X), grads(m, X))
 
 
-@pytest.mark.parametrize("cross", [False, True])
-def test_under_torch_compile(cross):
-    """fullgraph compile: self-attention runs the lorakit::shared_linear operator (forming from
-    the traced calls, no watched forward needed); cross-attention refuses the group while
-    tracing and retraces without it. Both equal the separate nodes."""
+@pytest.mark.parametrize("cls", [Attention, CrossAttention])
+def test_under_torch_compile(cls):
+    """fullgraph compile: self-attention runs the lorakit::shared_linear operator, cross-attention
+    the separate linears; both equal the separate nodes in eager mode."""
     from lorakit import compiled
     if not compiled.AVAILABLE:
         pytest.skip("needs torch.library.register_fake")
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
-    m = attention()
+    m = attention(cls)
     ref = reference(m)
-    kv = torch.randn(4, 16, 32) if cross else None
     cnt = CompileCounterWithBackend("aot_eager")
     fn = torch.compile(m, backend=cnt, fullgraph=True)
     for _ in range(2):
         m.zero_grad(set_to_none=True)
         x = X.clone().requires_grad_(True)
-        fn(x, kv).sum().backward()
-        got = [x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
-        same((fn(X, kv).detach(), got), grads(ref, X, kv))
+        y = fn(x, KV)
+        y.sum().backward()
+        same((y.detach(), [x.grad] + [p.grad for p in m.parameters() if p.requires_grad]), grads(ref, X, KV))
     torch._dynamo.reset()
-    assert m.q_proj._group.refused == cross
-    last = [str(n.target) for n in cnt.graphs[-1].graph.nodes if n.op == "call_function"]
-    assert any("shared_linear" in t for t in last) != cross     # (cross: the first trace had it, then refused)
+    assert cnt.frame_count == 1
+    names = [str(n.target) for n in cnt.graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("shared_linear" in t for t in names) == (cls is Attention)
 
 
 def test_shallow_copies_run_their_own_nodes(monkeypatch):
     """nn.DataParallel's replicas are shallow copies that share the original's Group: they must
     neither crash nor take the original's outputs."""
     m, count = attention(), Count(monkeypatch)
-    grads(m, X)
     c = copy.copy(m)
     c._modules = {k: copy.copy(v) for k, v in m._modules.items()}
     assert c.q_proj._group is m.q_proj._group
@@ -330,7 +349,6 @@ def test_a_deleted_model_is_freed_without_the_cycle_collector():
     import gc
     import weakref
     m = attention()
-    grads(m, X)
     grads(m, X)
     gone = weakref.ref(m.q_proj)
     gc.disable()
@@ -358,7 +376,6 @@ def check_bfloat16(monkeypatch, device):
     want = loss_and_grads(ref, ids)
     plain = loss_and_grads(reference(low), ids)
     count = Count(monkeypatch)
-    loss_and_grads(low, ids)
     got = loss_and_grads(low, ids)
     assert count.n == 2
     e_got, e_plain = rel_errors(got, want), rel_errors(plain, want)
