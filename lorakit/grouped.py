@@ -27,8 +27,8 @@ first member (the *leader*, e.g. q_proj) computes all outputs and keeps the othe
 they are called with the same tensor x (same object, same version); then each takes its own.
 Whether a parent's members read one input is decided once per parent class, from the source
 of its ``forward`` (``calls_on_one_input``, with ``ast``): the members must be called as
-``self.q_proj(X)``, ``self.k_proj(X)``, ``self.v_proj(X)`` in that order, in statements at the
-top level of ``forward`` (never inside a branch or loop), on one variable X that ``forward``
+``self.q_proj(X)``, ``self.k_proj(X)``, ``self.v_proj(X)`` in that order, in statements of one
+block (never split across branches, never in a loop), on one variable X that ``forward``
 never assigns. Cross-attention (k and v read another variable), other orders and anything the
 check cannot read run as separate nodes, and so does any call whose tensor is not the leader's
 after all. The decision never changes from one call to the next, so a forward and its
@@ -279,14 +279,20 @@ _ONE_INPUT: dict = {}
 
 
 def calls_on_one_input(cls: type, names: tuple[str, ...]) -> bool:
-    """Whether ``cls.forward`` calls ``self.<name>(X)`` for every name in ``names``, in that
-    order, each once, in statements at the top level of the function, with one positional
-    argument X: the same variable, which the function never assigns. Cached per class."""
+    """Whether ``cls.forward`` calls ``self.<name>(X)`` for every name in ``names``, each once, in
+    this order, with one positional argument X, the same variable for all, which the function
+    never assigns; and all calls sit in statements of one block (the function's body, or one
+    branch: transformers' older Llama attention called them in an ``else``), not in a loop.
+    Cached per class."""
     key = (cls, names)
     ok = _ONE_INPUT.get(key)
     if ok is None:
         ok = _ONE_INPUT[key] = _check_source(cls.forward, names)
     return ok
+
+
+_LOOPS = (ast.For, ast.AsyncFor, ast.While, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda,
+          ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def _check_source(fn, names: tuple[str, ...]) -> bool:
@@ -296,25 +302,40 @@ def _check_source(fn, names: tuple[str, ...]) -> bool:
         return False
     if not isinstance(tree, ast.FunctionDef):
         return False
-    found = {}                                            # name -> (statement index, position, argument)
-    for si, stmt in enumerate(tree.body):
-        for node in ast.walk(stmt):
-            f = node.func if isinstance(node, ast.Call) else None
-            if (isinstance(f, ast.Attribute) and f.attr in names and isinstance(f.value, ast.Name)
-                    and f.value.id == "self"):
-                if f.attr in found or isinstance(stmt, (ast.If, ast.For, ast.While, ast.With, ast.Try)):
-                    return False                          # called twice, or in a branch or loop
-                if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Name):
-                    return False
-                found[f.attr] = (si, node.lineno, node.col_offset, node.args[0].id)
-    if set(found) != set(names) or len({v[3] for v in found.values()}) != 1:
-        return False
-    order = [found[n][:3] for n in names]
+    parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = {}                                  # name -> (the block, statement index, line, column, argument)
+    for node in ast.walk(tree):
+        f = node.func if isinstance(node, ast.Call) else None
+        if not (isinstance(f, ast.Attribute) and f.attr in names and isinstance(f.value, ast.Name)
+                and f.value.id == "self"):
+            continue
+        if f.attr in found or len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Name):
+            return False                        # called twice, or not on one plain variable
+        if any(isinstance(a, _LOOPS) for a in _ancestors(node, parent, tree)):
+            return False                        # in a loop, a comprehension or a nested function
+        stmt = node
+        while not isinstance(stmt, ast.stmt):
+            stmt = parent[stmt]
+        up = parent[stmt]
+        block = next(b for b in (getattr(up, k, None) for k in ("body", "orelse", "finalbody", "handlers"))
+                     if isinstance(b, list) and any(x is stmt for x in b))
+        found[f.attr] = (id(block), next(i for i, x in enumerate(block) if x is stmt), node.lineno,
+                         node.col_offset, node.args[0].id)
+    if set(found) != set(names) or len({(v[0], v[4]) for v in found.values()}) != 1:
+        return False                            # every member, one block, one variable
+    order = [found[n][1:4] for n in names]
     if order != sorted(order):
         return False
-    var = found[names[0]][3]
+    var = found[names[0]][4]
     return not any(isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, (ast.Store, ast.Del))
                    for n in ast.walk(tree))
+
+
+def _ancestors(node, parent: dict, top):
+    while node is not top:
+        node = parent[node]
+        if node is not top:
+            yield node
 
 
 def _groups(model: nn.Module):

@@ -230,6 +230,30 @@ class Reassigning(Attention):
         return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
 
 
+class InOneBranch(Attention):
+    """All three in one branch (transformers' older Llama attention called them in an ``else``)."""
+
+    def forward(self, x, kv=None):
+        if kv is not None and kv.dim() == 0:
+            q = k = v = x
+        else:
+            q = self.q_proj(x)
+            k = self.k_proj(x)
+            v = self.v_proj(x)
+        return q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
+
+
+class InALoop(Attention):
+    def forward(self, x, kv=None):
+        out = 0
+        for _ in range(1):
+            q = self.q_proj(x)
+            k = self.k_proj(x)
+            v = self.v_proj(x)
+            out = out + q.sum(-1, keepdim=True) * k.mean(-1, keepdim=True) + v.square().mean()
+        return out
+
+
 def attention(cls=Attention, bias=False, **cfg):
     torch.manual_seed(0)
     m = cls(bias)
@@ -257,9 +281,9 @@ X = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
 KV = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_self_attention_groups(monkeypatch, bias):
-    m = attention(bias=bias)
+@pytest.mark.parametrize("bias,cls", [(False, Attention), (True, Attention), (False, InOneBranch)])
+def test_self_attention_groups(monkeypatch, bias, cls):
+    m = attention(cls, bias=bias)
     ref = reference(m)
     count = Count(monkeypatch)
     for _ in range(2):
@@ -267,9 +291,10 @@ def test_self_attention_groups(monkeypatch, bias):
     assert count.n == 2
 
 
-@pytest.mark.parametrize("cls", [CrossAttention, Reordered, Branching, Reassigning])
+@pytest.mark.parametrize("cls", [CrossAttention, Reordered, Branching, Reassigning, InALoop])
 def test_other_call_patterns_never_group(monkeypatch, cls):
-    """k and v on another variable, another order, a call in a branch, the input reassigned."""
+    """k and v on another variable, another order, calls split across branches, the input
+    reassigned, calls in a loop."""
     assert not grouped.calls_on_one_input(cls, ("q_proj", "k_proj", "v_proj"))
     m, count = attention(cls), Count(monkeypatch)
     assert grouped.attached(m) == 0
