@@ -66,6 +66,19 @@ IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 TOKENS64 = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))   # 64 tokens: fused / grouped apply
 
 
+class CountCalls:
+    """Counts calls of ``owner.<name>`` (an autograd node's ``apply``), patched for one test."""
+
+    def __init__(self, monkeypatch, owner, name: str = "apply"):
+        self.n = 0
+        orig = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return orig(*args, **kwargs)
+        monkeypatch.setattr(owner, name, counted)
+
+
 def loss_and_grads(model, ids=TOKENS64):
     """(the language-model loss, {name: gradient}) of one forward and backward on ``ids``."""
     model.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 import lorakit
 from lorakit import fused
-from conftest import TOKENS64, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
+from conftest import TOKENS64, CountCalls, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,17 +29,9 @@ def lora_llama(targets=ALL7, **cfg):
     return model
 
 
-class Count:
+def Count(monkeypatch):
     """Counts calls of the fused node."""
-
-    def __init__(self, monkeypatch):
-        self.n = 0
-        orig = fused._GatedMlpFn.apply
-
-        def apply(*args):
-            self.n += 1
-            return orig(*args)
-        monkeypatch.setattr(fused._GatedMlpFn, "apply", apply)
+    return CountCalls(monkeypatch, fused._GatedMlpFn)
 
 
 def fused_vs_unfused(model, ids=IDS):

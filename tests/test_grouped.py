@@ -15,7 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit import grouped
-from conftest import TOKENS64, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
+from conftest import TOKENS64, CountCalls, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,17 +23,9 @@ ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 IDS = TOKENS64
 
 
-class Count:
+def Count(monkeypatch):
     """Counts runs of the grouped node."""
-
-    def __init__(self, monkeypatch):
-        self.n = 0
-        orig = grouped._SharedLinearFn.apply
-
-        def apply(*args):
-            self.n += 1
-            return orig(*args)
-        monkeypatch.setattr(grouped._SharedLinearFn, "apply", apply)
+    return CountCalls(monkeypatch, grouped._SharedLinearFn)
 
 
 def lora_llama(**cfg):
