@@ -35,10 +35,6 @@ from bench import common, train_step  # noqa: E402
 TINY = dict(hidden=64, layers=16, inter=256, heads=4, kv=2, vocab=256, tie=False)
 
 
-def _sync(device: str) -> None:
-    common.sync(device)
-
-
 def tiny_variant(name: str, args, dtype):
     """(model, optimizer, step, forward_loss) of variant ``name`` on the tiny model, batch 1 x ``args.seq``."""
     v = train_step.parse_variant(name)
@@ -57,7 +53,7 @@ def step_costs(variants: list[str], args, dtype) -> list[dict]:
         ps.append(dict(name=name, fl=forward_loss, opt=opt, model=model, f=[], b=[], o=[], s=[]))
 
     def one(p):
-        _sync(args.device)
+        common.sync(args.device)
         t0 = time.perf_counter()
         loss = p["fl"]()
         t1 = time.perf_counter()
@@ -67,7 +63,7 @@ def step_costs(variants: list[str], args, dtype) -> list[dict]:
             p["opt"].step()
             p["opt"].zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        _sync(args.device)
+        common.sync(args.device)
         t4 = time.perf_counter()
         for k, t in zip("fbos", (t1 - t0, t2 - t1, t3 - t2, t4 - t0)):
             p[k].append(t * 1e3)
@@ -96,14 +92,14 @@ def _per_call_us(fn, device: str, calls: int) -> float:
     """Median over 5 repeats of host microseconds per call for ``calls`` back-to-back calls."""
     for _ in range(20):
         fn()
-    _sync(device)
+    common.sync(device)
     out = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         out.append((time.perf_counter() - t0) / calls * 1e6)
-        _sync(device)
+        common.sync(device)
     return common.median(out)
 
 
@@ -167,11 +163,11 @@ def profile_table(args, dtype) -> str:
     _, _, step, _ = tiny_variant("lorakit", args, dtype)
     for _ in range(5):
         step()
-    _sync(args.device)
+    common.sync(args.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=acts) as prof:
         step()
-        _sync(args.device)
+        common.sync(args.device)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
 
 
@@ -184,12 +180,12 @@ def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
     _, _, step, forward_loss = tiny_variant(name, args, dtype)
     for _ in range(5):
         step()
-    _sync(args.device)
+    common.sync(args.device)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
         forward_loss().backward()
-    _sync(args.device)
+    common.sync(args.device)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)

@@ -221,44 +221,65 @@ def is_silu(act: nn.Module) -> bool:
                                          and cls.__module__ == "transformers.activations")
 
 
+def node_adapter(st, x: Tensor) -> Optional[str]:
+    """The adapter a fused node (this MLP node, lorakit.grouped's q/k/v node) would run for x
+    given the model-wide state ``st``, or None: adapters on, one active, no per-row batch, no
+    global module hooks, no autocast to a dtype other than x's (autocast in x's own dtype casts
+    only A and B, as the nodes do), and under torch.compile the operators registered."""
+    name = st.active
+    if st.disabled or st.rows is not None or name is None or _global_hooks():
+        return None
+    cast_to = ops.autocast_dtype(x)
+    if cast_to is not None and cast_to != x.dtype:
+        return None
+    if torch.compiler.is_compiling():
+        from . import compiled
+        if not compiled.AVAILABLE:
+            return None
+    return name
+
+
+def node_member(m: LoraLinear, st, name: str, x: Tensor) -> Optional[tuple]:
+    """(W0, bias or None, adapter) of LoRA linear ``m`` if it can join a fused node running
+    adapter ``name`` on x, else None: the model's state ``st``, the adapter present and unmerged,
+    an ``nn.Linear`` base whose weight (and bias) are frozen and in x's dtype, no hooks on the
+    layer or its base, no dropout while training."""
+    base = m._modules["base"]
+    a = m._modules["adapters"]._modules.get(name)
+    if (a is None or m.state is not st or m.fan_in_fan_out or m.merged_name is not None
+            or type(base) is not nn.Linear or _hooked(m) or _hooked(base) or (a.dropout > 0 and m.training)):
+        return None
+    bp = base._parameters
+    w, b = bp["weight"], bp.get("bias")
+    if w.requires_grad or w.dtype != x.dtype or (b is not None and b.requires_grad):
+        return None
+    return w, b, a
+
+
 def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
     """The adapter name the fused node would run for this call, or None (the class forward runs).
 
     Runs once per MLP per forward: modules and parameters are read from their dicts
     (``_modules``, ``_parameters``) rather than through nn.Module.__getattr__ (38 lookups a
     call, most of its host time)."""
-    if not torch.is_grad_enabled() or _global_hooks():
+    if not torch.is_grad_enabled():
         return None
     mods = mlp._modules
     g, u, d, act = mods.get("gate_proj"), mods.get("up_proj"), mods.get("down_proj"), mods.get("act_fn")
     if type(g) is not LoraLinear or type(u) is not LoraLinear or type(d) is not LoraLinear or not is_silu(act):
         return None
     st = g.state
-    name = st.active
-    if st.disabled or st.rows is not None or name is None or u.state is not st or d.state is not st:
-        return None
-    if _hooked(mlp) or _hooked(act):
+    name = node_adapter(st, x)
+    if name is None or _hooked(mlp) or _hooked(act):
         return None
     weights, trainable = [], x.requires_grad
     for m in (g, u, d):
-        base = m._modules["base"]
-        a = m._modules["adapters"]._modules.get(name)
-        if a is None or m.fan_in_fan_out or m.merged_name is not None or type(base) is not nn.Linear:
+        member = node_member(m, st, name, x)
+        if member is None or member[1] is not None:
             return None
-        bp, ap = base._parameters, a._parameters
-        w = bp["weight"]
-        if (bp.get("bias") is not None or w.requires_grad or w.dtype != x.dtype or _hooked(m) or _hooked(base)
-                or (a.dropout > 0 and m.training)):
-            return None
+        w, _, a = member
         weights.append(w)
-        trainable = trainable or ap["lora_A"].requires_grad or ap["lora_B"].requires_grad
-    cast_to = ops.autocast_dtype(x)
-    if cast_to is not None and cast_to != x.dtype:
-        return None        # autocast would cast x and the weights; in x's own dtype it casts only A and B, as the node does
-    if torch.compiler.is_compiling():
-        from . import compiled
-        if not compiled.AVAILABLE:
-            return None
+        trainable = trainable or a.lora_A.requires_grad or a.lora_B.requires_grad
     i, hid = weights[0].shape
     if x.shape[-1] != hid or weights[2].shape != (hid, i) or weights[1].shape != (i, hid) or not trainable:
         return None
@@ -275,14 +296,21 @@ def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- attach / detach
-def is_gated_mlp_forward(fn) -> bool:
-    """Whether ``fn``'s source is exactly ``return self.down_proj(self.act_fn(self.gate_proj(x))
-    * self.up_proj(x))`` (a docstring, or one named intermediate before the return, allowed)."""
+def function_tree(fn) -> Optional[ast.FunctionDef]:
+    """The ``ast`` of function ``fn`` (a method such as a module class's ``forward``), or None
+    when its source cannot be read or is not a plain ``def``."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
-        return False
-    args = tree.args if isinstance(tree, ast.FunctionDef) else None
+        return None
+    return tree if isinstance(tree, ast.FunctionDef) else None
+
+
+def is_gated_mlp_forward(fn) -> bool:
+    """Whether ``fn``'s source is exactly ``return self.down_proj(self.act_fn(self.gate_proj(x))
+    * self.up_proj(x))`` (a docstring, or one named intermediate before the return, allowed)."""
+    tree = function_tree(fn)
+    args = tree.args if tree is not None else None
     if args is None or len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs:
         return False
     x = args.args[1].arg

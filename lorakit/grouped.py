@@ -45,8 +45,6 @@ form chosen for every member (``ops.merged_is_cheaper``: training-sized inputs).
 from __future__ import annotations
 
 import ast
-import inspect
-import textwrap
 import weakref
 from typing import Optional
 
@@ -55,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .fused import _global_hooks, _hooked, _modules
+from .fused import _modules, function_tree, node_adapter, node_member
 from .layers import LoraLinear
 
 # Member names of a group, the leader first: the parent's forward must call them in this order
@@ -123,41 +121,26 @@ class Group:
         if any(m is None for m in members):       # a member was dropped from the model and freed
             return None
         st = members[0].state
-        name = st.active
-        if st.disabled or st.rows is not None or name is None or _global_hooks():
+        name = node_adapter(st, x)
+        if name is None:
             return None
-        if torch.compiler.is_compiling():
-            from . import compiled
-            if not compiled.AVAILABLE:
-                return None
         ws, bs, As, Bs, scales = [], [], [], [], []
         trainable = x.requires_grad
         for m in members:
-            if m.state is not st or m.merged_name is not None or m.fan_in_fan_out:
+            member = node_member(m, st, name, x)
+            if member is None:
                 return None
-            base = m._modules["base"]
-            a = m._modules["adapters"]._modules.get(name)
-            if a is None or type(base) is not nn.Linear or (a.dropout > 0 and m.training) or _hooked(m) or _hooked(base):
-                return None
-            bp, ap = base._parameters, a._parameters
-            w = bp["weight"]
-            if w.requires_grad or w.dtype != x.dtype:
-                return None
+            w, b, a = member
             ws.append(w)
-            bs.append(bp.get("bias"))
-            As.append(ap["lora_A"])
-            Bs.append(ap["lora_B"])
+            bs.append(b)
+            As.append(a.lora_A)
+            Bs.append(a.lora_B)
             scales.append(a.scale)
             trainable = trainable or As[-1].requires_grad or Bs[-1].requires_grad
-        if not trainable or any(b is not None and b.requires_grad for b in bs):
-            return None
-        if any((b is None) != (bs[0] is None) for b in bs):                  # biases in all or none
+        if not trainable or any((b is None) != (bs[0] is None) for b in bs):       # biases in all or none
             return None
         k = ws[0].shape[1]
         if x.shape[-1] != k or any(w.shape[1] != k for w in ws):
-            return None
-        cast_to = ops.autocast_dtype(x)
-        if cast_to is not None and cast_to != x.dtype:
             return None
         n = x.numel() // k
         if not all(ops.merged_is_cheaper(n, w.shape[0], k, True) for w in ws):
@@ -296,11 +279,8 @@ _LOOPS = (ast.For, ast.AsyncFor, ast.While, ast.ListComp, ast.SetComp, ast.DictC
 
 
 def _check_source(fn, names: tuple[str, ...]) -> bool:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return False
-    if not isinstance(tree, ast.FunctionDef):
+    tree = function_tree(fn)
+    if tree is None:
         return False
     parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     found = {}                                  # name -> (the block, statement index, line, column, argument)
@@ -353,6 +333,7 @@ def attach(model: nn.Module) -> int:
     longer belong to one (after ``delete_adapter`` put a member's base back). Idempotent;
     returns how many groups are linked."""
     linked = set()
+    n = 0
     for members in _groups(model):
         g = members[0].__dict__.get("_group")
         if g is None or g.members != members or any(m.__dict__.get("_group") is not g for m in members):
@@ -360,10 +341,11 @@ def attach(model: nn.Module) -> int:
             for m in members:
                 m.__dict__["_group"] = g
         linked.update(id(m) for m in members)
+        n += 1
     for m in _modules(model):
         if type(m) is LoraLinear and id(m) not in linked:
             m.__dict__.pop("_group", None)
-    return attached(model)
+    return n
 
 
 def detach(model: nn.Module) -> int:
