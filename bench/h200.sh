@@ -21,7 +21,12 @@
 #   bash bench/h200.sh s5b         # the longest training sequence per variant at the 1B shape
 #   bash bench/h200.sh s6          # GPU tests, host time per step (bench/host_cost.py), 1B with q/k/v grouped or not
 #   bash bench/h200.sh s6b         # q/k/v grouped under torch.compile too: compiled GPU tests, 1B eager + compiled, 8B eager
-#   bash bench/h200.sh s7          # next: the compiled step's host time (cProfile, timeline)
+#   bash bench/h200.sh s7          # the compiled step's host time (cProfile, timeline)
+#   bash bench/h200.sh s8a         # session 6: compiled+grouped GPU tests, the compiled step's host time
+#                                   # (cProfile, torch.profiler, timeline), 1B eager + compiled
+#   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
+#                                   # (profiled), 8B eager
+#   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/lorakit-bench}
@@ -125,6 +130,27 @@ case "${1:-}" in
     timeout 150 python3 bench/train_step.py --device cuda --size 1b --timeline lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s7 2>&1 | tee -a "$LOG"
     ;;
+  s8a)
+    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py tests/test_grouped.py 2>&1 | tail -3 | tee -a "$LOG"
+    timeout 200 python3 bench/host_cost.py --device cuda --variants bound,lorakit,bound+compile,lorakit+compile \
+      --cprofile lorakit+compile,bound+compile --profile lorakit+compile,bound+compile \
+      --out $R/host_cost_compiled_h200 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/train_step.py --device cuda --size 1b --timeline lorakit+compile \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8a 2>&1 | tee -a "$LOG"
+    ;;
+  s8b)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_ops.py tests/test_fused.py tests/test_compiled.py \
+      tests/test_grouped.py tests/test_train_loop.py 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 200 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile,bound+compile,lorakit \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8b 2>&1 | tee -a "$LOG"
+    timeout 150 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8b 2>&1 | tee -a "$LOG"
+    ;;
+  s8c)
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 200 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8c 2>&1 | tee -a "$LOG"
+    ;;
   s5b)
     timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \
       --out $R/longest_seq_1b_h200 2>&1 | tee -a "$LOG"
@@ -138,7 +164,7 @@ case "${1:-}" in
     ;;
   s3d)
     timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled.py 2>&1 | tail -3 | tee -a "$LOG"
-    timeout 120 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
+    timeout 120 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile,bound+compile,lorakit \
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" \
       --out $R/train_step_1b_h200_compiled 2>&1 | tee -a "$LOG"
     timeout 180 python3 bench/train_step.py --device cuda --size 8b --batch 4 \

@@ -14,7 +14,7 @@ takes the GPU's work out of the picture to measure the host's side alone:
   ``lorakit.kernels.launch.Direct``, an empty ``autograd.Function``, a whole LoRA linear forward
   and backward against ``nn.Linear``'s).
 
-``--profile`` adds torch.profiler's table of one lorakit step sorted by host time;
+``--profile VARIANTS`` adds torch.profiler's table of one step of each, sorted by host time;
 ``--cprofile VARIANTS`` Python's cProfile of each variant's forward and backward.
 Results: ``--out STEM`` writes STEM.json and STEM.md.
 """
@@ -131,8 +131,9 @@ def op_costs(args, dtype) -> list[dict]:
         mk = kernels.load("merge")
         if mk is not None:
             cases.append(("Triton JIT entry (the W' kernel)", lambda: mk._merge_kernel[(1, 1)](
-                w, B, A, out, d, d, r, 2.0, w.stride(0), B.stride(0), A.stride(0), out.stride(0),
-                R=16, BLOCK_D=mk.BLOCK_D, BLOCK_K=mk.BLOCK_K, IEEE=False, num_warps=4)))
+                w, B, A, out, out, out, d, d, r, 2.0, w.stride(0), B.stride(0), A.stride(0), out.stride(0),
+                R=16, BLOCK_D=mk.BLOCK_D, BLOCK_K=mk.BLOCK_K, IEEE=False, STORE_A=False, STORE_B=False,
+                num_warps=4)))
     xg = x.clone().requires_grad_(True)
     cases.append(("autograd.Function.apply (identity, forward)", lambda: _Identity.apply(xg)))
 
@@ -158,9 +159,10 @@ def op_costs(args, dtype) -> list[dict]:
     return rows
 
 
-def profile_table(args, dtype) -> str:
+def profile_table(name: str, args, dtype) -> str:
+    """torch.profiler's table of one step of variant ``name`` (tiny model), sorted by host time."""
     from torch.profiler import ProfilerActivity, profile
-    _, _, step, _ = tiny_variant("lorakit", args, dtype)
+    _, _, step, _ = tiny_variant(name, args, dtype)
     for _ in range(5):
         step()
     common.sync(args.device)
@@ -168,7 +170,8 @@ def profile_table(args, dtype) -> str:
     with profile(activities=acts) as prof:
         step()
         common.sync(args.device)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    return f"== torch.profiler {name}, one step\n" + table
 
 
 def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile with torch.profiler "
+                   "(one step each, sorted by host time)")
     p.add_argument("--cprofile", default="", help="comma-separated variants to run under cProfile (Python's "
                    "view of the host time, e.g. lorakit+compile)")
     p.add_argument("--out", default=None)
@@ -212,8 +216,8 @@ def main(argv=None) -> int:
         print(f"{r['name']:<16} forward {r['forward_ms']:7.2f}  backward {r['backward_ms']:7.2f}  "
               f"optimizer {r['optimizer_ms']:6.2f}  step {r['step_ms']:7.2f} ms (host)", flush=True)
     rows += op_costs(args, dtype)
-    if args.profile:
-        print(profile_table(args, dtype))
+    for name in filter(None, args.profile.split(",")):
+        print(profile_table(name, args, dtype))
     for name in filter(None, args.cprofile.split(",")):
         print(cprofile_table(name, args, dtype))
     meta = common.env_info(args.device)

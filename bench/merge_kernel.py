@@ -87,9 +87,9 @@ def main() -> int:
 
             def run():
                 if kind == "dot":
-                    merge._merge_kernel[grid](w, B, A, out, d, k, args.rank, 2.0, w.stride(0), B.stride(0),
+                    merge._merge_kernel[grid](w, B, A, out, out, out, d, k, args.rank, 2.0, w.stride(0), B.stride(0),
                                               A.stride(0), out.stride(0), R=R, BLOCK_D=bd, BLOCK_K=bk, IEEE=False,
-                                              num_warps=warps)
+                                              STORE_A=False, STORE_B=False, num_warps=warps)
                 else:
                     _copy_kernel[grid](w, out, d, k, w.stride(0), out.stride(0), BLOCK_D=bd, BLOCK_K=bk,
                                              num_warps=warps)

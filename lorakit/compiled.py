@@ -7,7 +7,7 @@ compiler treats each as one opaque node:
 
 * ``lorakit::lora_linear`` (x, W0, b, A, B, s, merged) -> (y, xa)
   and its backward ``lorakit::lora_linear_backward`` -> (dx, dA, dB);
-* ``lorakit::gated_mlp`` (x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd) -> (y, gu, xas, has)
+* ``lorakit::gated_mlp`` (x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd) -> (y, gu, has)
   and its backward ``lorakit::gated_mlp_backward`` -> (dx, dAg, dBg, dAu, dBu, dAd, dBd);
 * ``lorakit::shared_linear`` (x, [W_i], [b_i], [A_i], [B_i], [s_i]) -> [y_1, ..., y_m, xa]
   (q, k and v as one node, lorakit.grouped) and its backward
@@ -23,10 +23,18 @@ their inputs and the outputs listed above; the backward operator rebuilds W' its
 
 Outputs that a given call does not need are returned as empty tensors (an operator's
 outputs cannot be None) and mapped back to None for autograd.
+
+Each operator has one overload, named after a hash of the code behind it (``OVERLOAD``), and
+is called by that name. torch.compile's on-disk caches key a compiled graph on its code, which
+names the overload, but not on an operator's Python implementation: with a fixed name, a
+cache filled by another lorakit version served graphs that assumed that version's outputs.
+``op(name)`` returns the overload.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Optional
 
 import torch
@@ -43,14 +51,26 @@ AVAILABLE = hasattr(torch.library, "register_fake")      # torch >= 2.4; before,
 # small tensors: 31 us, of which 15 us the work itself; torch.library.custom_op with
 # register_autograd took 49 us. A compiled training step of a 1B model makes 160 of these
 # calls, and at that step time the host is what runs short.
+def _code_tag() -> str:
+    """'v' + 12 hex digits of the SHA-256 of the modules whose code the operators run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for rel in ("compiled.py", "ops.py", "fused.py", "grouped.py", "kernels/merge.py", "kernels/swiglu.py"):
+        with open(os.path.join(here, rel), "rb") as f:
+            h.update(f.read())
+    return "v" + h.hexdigest()[:12]
+
+
+OVERLOAD = _code_tag()
+
 _SCHEMAS = {
     "lora_linear": "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scale, "
                    "bool merged) -> (Tensor, Tensor)",
     "lora_linear_backward": "lora_linear_backward(Tensor dy, Tensor x, Tensor xa, Tensor weight, Tensor A, Tensor B, "
                             "float scale, bool merged, bool need_x, bool need_a, bool need_b) -> (Tensor, Tensor, Tensor)",
     "gated_mlp": "gated_mlp(Tensor x, Tensor wg, Tensor wu, Tensor wd, Tensor ag, Tensor bg, Tensor au, Tensor bu, "
-                 "Tensor ad, Tensor bd, float sg, float su, float sd) -> (Tensor, Tensor, Tensor, Tensor)",
-    "gated_mlp_backward": "gated_mlp_backward(Tensor dy, Tensor x, Tensor gu, Tensor xas, Tensor has, Tensor wg, "
+                 "Tensor ad, Tensor bd, float sg, float su, float sd) -> (Tensor, Tensor, Tensor)",
+    "gated_mlp_backward": "gated_mlp_backward(Tensor dy, Tensor x, Tensor gu, Tensor has, Tensor wg, "
                           "Tensor wu, Tensor wd, Tensor ag, Tensor bg, Tensor au, Tensor bu, Tensor ad, Tensor bd, "
                           "float sg, float su, float sd, bool[] need) -> Tensor[]",
     "shared_linear": "shared_linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] As, Tensor[] Bs, "
@@ -101,7 +121,7 @@ class _LinearOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, merged):
         with torch._C._AutoDispatchBelowAutograd():
-            out, xa = torch.ops.lorakit.lora_linear.default(x, weight, bias, A, B, scale, merged)
+            out, xa = op("lora_linear")(x, weight, bias, A, B, scale, merged)
         ctx.scale, ctx.merged = scale, merged
         ctx.save_for_backward(x, xa, weight, A, B)
         ctx.mark_non_differentiable(xa)
@@ -111,7 +131,7 @@ class _LinearOp(torch.autograd.Function):
     def backward(ctx, dy, _dxa):
         x, xa, weight, A, B = ctx.saved_tensors
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        dx, dA, dB = torch.ops.lorakit.lora_linear_backward.default(dy, x, xa, weight, A, B, ctx.scale, ctx.merged,
+        dx, dA, dB = op("lora_linear_backward")(dy, x, xa, weight, A, B, ctx.scale, ctx.merged,
                                                                     need_x, need_a, need_b)
         return _some(dx), None, None, _some(dA), _some(dB), None, None
 
@@ -133,30 +153,32 @@ def _linear_autograd(x, weight, bias, A, B, scale, merged):
     if _plain(x, weight, bias, A, B):
         return _linear(x, weight, bias, A, B, scale, merged)
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.lorakit.lora_linear.default(x, weight, bias, A, B, scale, merged)
+        return op("lora_linear")(x, weight, bias, A, B, scale, merged)
 
 
 # ---------------------------------------------------------------------------- gated MLP
 def _mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
-    """(y (..., H), gu (N, 2I), xas (N, rg + ru), has (N, rd)): ``fused.mlp_forward``."""
+    """(y (..., H), gu (N, 2I + rg + ru), has (N, rd)): ``fused.mlp_forward``. y is a column
+    slice of a (N, H + rd) buffer (the fake kernel says so: the compiler must know the strides)."""
     hid = wg.shape[1]
     adapters = [_cast(t, x.dtype) for t in (ag, bg, au, bu, ad, bd)]
-    y, gu, xas, has = fused.mlp_forward(x.reshape(-1, hid), wg, wu, wd, *adapters, sg, su, sd, True, True)
-    return y.view(x.shape), gu, xas, has
+    y, gu, has = fused.mlp_forward(x.reshape(-1, hid), wg, wu, wd, *adapters, sg, su, sd, True, True)
+    return y.view(x.shape), gu, has
 
 
 def _mlp_fake(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
     i, hid = wg.shape
     n = x.numel() // hid
-    return (x.new_empty(x.shape), x.new_empty((n, 2 * i)), x.new_empty((n, ag.shape[0] + au.shape[0])),
-            x.new_empty((n, ad.shape[0])))
+    rd = ad.shape[0]
+    y = x.new_empty((n, hid + rd))[:, :hid].view(x.shape)
+    return y, x.new_empty((n, 2 * i + ag.shape[0] + au.shape[0])), x.new_empty((n, rd))
 
 
-def _mlp_backward(dy, x, gu, xas, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
+def _mlp_backward(dy, x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
     """[dx, dAg, dBg, dAu, dBu, dAd, dBd], empty where not needed; adapter grads in their dtypes."""
     hid = wg.shape[1]
     adapters = (ag, bg, au, bu, ad, bd)
-    dx, *grads = fused.mlp_backward(dy.reshape(-1, hid), x.reshape(-1, hid), gu, xas, has, wg, wu, wd,
+    dx, *grads = fused.mlp_backward(dy.reshape(-1, hid), x.reshape(-1, hid), gu, has, wg, wu, wd,
                                     *(_cast(t, x.dtype) for t in adapters), sg, su, sd, tuple(need))
     if grads[0] is not None and grads[2] is not None:
         grads[2] = grads[2].clone()         # dAg, dAu: two halves of one tensor; outputs may not alias
@@ -164,7 +186,7 @@ def _mlp_backward(dy, x, gu, xas, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, s
     return [_none(None if dx is None else dx.view(x.shape), x), *grads]
 
 
-def _mlp_backward_fake(dy, x, gu, xas, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
+def _mlp_backward_fake(dy, x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
     like = (x, ag, bg, au, bu, ad, bd)
     return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need)]
 
@@ -175,17 +197,17 @@ class _MlpOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
         with torch._C._AutoDispatchBelowAutograd():
-            y, gu, xas, has = torch.ops.lorakit.gated_mlp.default(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
+            y, gu, has = op("gated_mlp")(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
         ctx.scales = (sg, su, sd)
-        ctx.save_for_backward(x, gu, xas, has, wg, wu, wd, ag, bg, au, bu, ad, bd)
-        ctx.mark_non_differentiable(gu, xas, has)
-        return y, gu, xas, has
+        ctx.save_for_backward(x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd)
+        ctx.mark_non_differentiable(gu, has)
+        return y, gu, has
 
     @staticmethod
-    def backward(ctx, dy, _dgu, _dxas, _dhas):
-        x, gu, xas, has, wg, wu, wd, *adapters = ctx.saved_tensors
+    def backward(ctx, dy, _dgu, _dhas):
+        x, gu, has, wg, wu, wd, *adapters = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads = torch.ops.lorakit.gated_mlp_backward.default(dy, x, gu, xas, has, wg, wu, wd, *adapters, *ctx.scales,
+        grads = op("gated_mlp_backward")(dy, x, gu, has, wg, wu, wd, *adapters, *ctx.scales,
                                                              [need[0], *need[4:10]])
         dx, *rest = (_some(g) for g in grads)
         return (dx, None, None, None, *rest, None, None, None)
@@ -198,7 +220,7 @@ def _mlp_autograd(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
     if _plain(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
         return _mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.lorakit.gated_mlp.default(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
+        return op("gated_mlp")(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)
 
 
 # ---------------------------------------------------------------------------- q, k, v as one node
@@ -240,7 +262,7 @@ class _SharedOp(torch.autograd.Function):
         ws, bs, As, Bs = (list(args[j * m:(j + 1) * m]) for j in range(4))
         scales = args[4 * m]
         with torch._C._AutoDispatchBelowAutograd():
-            *outs, xa = torch.ops.lorakit.shared_linear.default(x, ws, bs, As, Bs, scales)
+            *outs, xa = op("shared_linear")(x, ws, bs, As, Bs, scales)
         ctx.m, ctx.scales = m, scales
         ctx.save_for_backward(x, xa, *ws, *As, *Bs)
         ctx.mark_non_differentiable(xa)
@@ -252,7 +274,7 @@ class _SharedOp(torch.autograd.Function):
         x, xa, *rest = ctx.saved_tensors
         need = ctx.needs_input_grad
         flags = [need[0], *need[2 + 2 * m:2 + 4 * m]]
-        out = torch.ops.lorakit.shared_linear_backward.default(list(grads[:m]), x, xa, rest[:m], rest[m:2 * m],
+        out = op("shared_linear_backward")(list(grads[:m]), x, xa, rest[:m], rest[m:2 * m],
                                                                rest[2 * m:], ctx.scales, flags)
         dx, *ab = (_some(g) for g in out)
         return (dx, None) + (None,) * (2 * m) + tuple(ab) + (None,)
@@ -265,7 +287,7 @@ def _shared_autograd(x, weights, biases, As, Bs, scales):
     if _plain(x, *weights, *biases, *As, *Bs):
         return _shared(x, weights, biases, As, Bs, scales)
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.lorakit.shared_linear.default(x, weights, biases, As, Bs, scales)
+        return op("shared_linear")(x, weights, biases, As, Bs, scales)
 
 
 def _register() -> Optional[object]:
@@ -275,34 +297,43 @@ def _register() -> Optional[object]:
                "shared_linear": (_shared, _shared_fake),
                "shared_linear_backward": (_shared_backward, _shared_backward_fake)}
     for name, (impl, fake) in kernels.items():
-        lib.define(_SCHEMAS[name])
-        lib.impl(name, impl, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"lorakit::{name}", fake, lib=lib)
-    lib.impl("lora_linear", _linear_autograd, "Autograd")
-    lib.impl("gated_mlp", _mlp_autograd, "Autograd")
-    lib.impl("shared_linear", _shared_autograd, "Autograd")
+        qual = f"{name}.{OVERLOAD}"
+        lib.define(qual + _SCHEMAS[name][len(name):])
+        lib.impl(qual, impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"lorakit::{qual}", fake, lib=lib)
+    lib.impl(f"lora_linear.{OVERLOAD}", _linear_autograd, "Autograd")
+    lib.impl(f"gated_mlp.{OVERLOAD}", _mlp_autograd, "Autograd")
+    lib.impl(f"shared_linear.{OVERLOAD}", _shared_autograd, "Autograd")
     return lib
 
 
 _LIB = _register() if AVAILABLE else None
 
 
+_OPS = {name: getattr(getattr(torch.ops.lorakit, name), OVERLOAD) for name in _SCHEMAS} if AVAILABLE else {}
+
+
+def op(name: str) -> "torch._ops.OpOverload":
+    """The operator ``lorakit::name`` (its one overload, ``OVERLOAD``)."""
+    return _OPS[name]
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                 merged: bool) -> Tensor:
     """y = x W0^T + b + s (x A^T) B^T as the ``lorakit::lora_linear`` operator (training, no dropout)."""
-    return torch.ops.lorakit.lora_linear(x, weight, bias, A, B, scale, merged)[0]
+    return op("lora_linear")(x, weight, bias, A, B, scale, merged)[0]
 
 
 def gated_mlp(x: Tensor, wg: Tensor, wu: Tensor, wd: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
               ad: Tensor, bd: Tensor, sg: float, su: float, sd: float) -> Tensor:
     """down(silu(gate(x)) * up(x)) with LoRA on all three, as the ``lorakit::gated_mlp`` operator."""
-    return torch.ops.lorakit.gated_mlp(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)[0]
+    return op("gated_mlp")(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd)[0]
 
 
 def shared_linear(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], As: list[Tensor],
                   Bs: list[Tensor], scales: list[float]) -> tuple[Tensor, ...]:
     """Every member's y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T as the ``lorakit::shared_linear`` operator."""
-    return tuple(torch.ops.lorakit.shared_linear(x, list(weights), list(biases), list(As), list(Bs),
+    return tuple(op("shared_linear")(x, list(weights), list(biases), list(As), list(Bs),
                                                  [float(s) for s in scales])[:-1])
 
 

@@ -91,31 +91,37 @@ def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- the node
 def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
-                    sg: float, su: float) -> Tensor:
-    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H) (``ops.stacked_merged_weight``: one launch on the GPU)."""
-    return ops.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su])
+                    sg: float, su: float, append_a: bool = False) -> Tensor:
+    """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), then [Ag; Au] as rows when ``append_a``
+    (``ops.stacked_merged_weight``: one launch on the GPU)."""
+    return ops.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
-                need_xas: bool, need_has: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(y (N, H), gu (N, 2I), xas, has) for x2 (N, H); adapter weights already in x's dtype.
+                need_xas: bool, need_has: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(y (N, H), gu, has) for x2 (N, H); adapter weights already in x's dtype.
 
-    xas = x [Ag; Au]^T (N, rg + ru) and has = h Ad^T (N, rd) are for the dB's only (computed
-    when asked; their scales ride on the dB GEMMs' alpha).
+    gu = [g | u | xas] (N, 2I + rg + ru): xas = x [Ag; Au]^T, for the dB's, when ``need_xas``
+    (else (N, 2I)); has = h Ad^T (N, rd) when ``need_has``. Both ride in the GEMMs that need
+    their input anyway: the A's are appended as rows to the merged weights (x and h are read
+    once each), and their scales ride on the dB GEMMs' alpha. y is then a column slice of
+    [y | h Ad^T] (row stride H + rd); has is copied out of it, so that keeping has for
+    backward does not keep that buffer.
     """
-    gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su).t())   # (N, 2I) = [g | u]
-    h = _swiglu_forward(gu)                                                 # (N, I)
-    y = torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t())                # (N, H)
-    xas = torch.mm(x2, torch.cat([agc, auc]).t()) if need_xas else None
-    has = torch.mm(h, adc.t()) if need_has else None
-    return y, gu, xas, has
+    i, hid = wg.shape
+    gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
+    h = _swiglu_forward(gu[:, :2 * i])                                      # (N, I)
+    if not need_has:
+        return torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
+    yh = torch.mm(h, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_a=True).t())  # [y | h Ad^T]
+    return yh[:, :hid], gu, yh[:, hid:].clone()
 
 
-def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, xas: Optional[Tensor], has: Optional[Tensor],
+def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Tensor],
                  wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
                  need: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
     """(dx, dAg, dBg, dAu, dBu, dAd, dBd) of ``mlp_forward`` for dY (N, H), in x's dtype;
-    ``need`` flags the same seven.
+    ``need`` flags the same seven. gu and has as ``mlp_forward`` returned them.
 
     The scales ride on GEMM ``alpha``: ``addmm(c, a, b, beta=0, alpha=s)`` computes s a b and
     ignores c (any tensor that broadcasts to the result: here the adapter weight of the result's
@@ -123,12 +129,17 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, xas: Optional[Te
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
     rg = agc.shape[0]
-    dh = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd))                 # dY W'd  (N, I)
-    gd = torch.mm(dy2, bdc) if need_ad else None                            # dY Bd  (N, rd)
+    xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
+    gu = gu[:, :2 * i]
+    if need_ad:                                                             # [dY W'd | dY Bd]: one read of dY
+        full = torch.mm(dy2, ops.merged_weight_and_b(wd, bdc, adc, sd))     # (N, I + rd)
+        dh, gd = full[:, :i], full[:, i:]
+    else:
+        dh, gd = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
     dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
-    del dh
+    del dh, gd
     dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)) if need_x else None   # (N, H)
     dAg = dAu = dBg = dBu = None
     if need_ag or need_au:
@@ -158,18 +169,20 @@ class _GatedMlpFn(torch.autograd.Function):
         adapters = tuple(_cast(t, x.dtype) for t in (ag, bg, au, bu, ad, bd))
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, hid)                                             # (N, H)
-        y, gu, xas, has = mlp_forward(x2, wg, wu, wd, *adapters, sg, su, sd, need[5] or need[7], need[9])
+        y, gu, has = mlp_forward(x2, wg, wu, wd, *adapters, sg, su, sd, need[5] or need[7], need[9])
         ctx.scales = (sg, su, sd)
         ctx.dtypes = tuple(t.dtype for t in (ag, bg, au, bu, ad, bd))
-        ctx.save_for_backward(x2 if need[4] or need[6] else None, gu, xas, has, wg, wu, wd, *adapters)
+        ctx.save_for_backward(x2 if need[4] or need[6] else None, gu, has, wg, wu, wd, *adapters)
         ctx.x_shape = x.shape
-        return y.view(x.shape[:-1] + (hid,))
+        # y (a column slice of [y | h Ad^T]) viewed to x's shape, then detached: the output is not
+        # an autograd view of something made here, so callers may modify it in place
+        return y.view(x.shape[:-1] + (hid,)).detach()
 
     @staticmethod
     def backward(ctx, dy):
-        x2, gu, xas, has, wg, wu, wd, *adapters = ctx.saved_tensors
+        x2, gu, has, wg, wu, wd, *adapters = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, *grads = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, xas, has, wg, wu, wd, *adapters,
+        dx, *grads = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, has, wg, wu, wd, *adapters,
                                   *ctx.scales, (need[0], *need[4:10]))
         grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *grads, None, None, None)

@@ -124,31 +124,62 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optio
     elsewhere, and while torch.compile traces, one GEMM with W0 as its accumulator
     (``torch.addmm``, which first copies W0 into its output). ``out``: where to write W'.
     """
+    return _merge_into(weight, B, A, scale, torch.empty_like(weight) if out is None else out)
+
+
+def _merge_into(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Tensor,
+                a_out: Optional[Tensor] = None, b_out: Optional[Tensor] = None) -> Tensor:
+    """out = W0 + s B A, plus a copy of A into ``a_out`` and of B into ``b_out`` when given
+    (on the GPU all in the one Triton pass); returns out."""
     if weight.is_cuda and not torch.compiler.is_compiling():
         k = kernels.load("merge")
         if k is not None and k.supported(weight, B, A):
-            return k.merged_weight(weight, B, A, scale, torch.empty_like(weight) if out is None else out)
-    if out is None:
-        return torch.addmm(weight, B, A, alpha=scale)
-    return torch.addmm(weight, B, A, alpha=scale, out=out)
+            return k.merged_weight(weight, B, A, scale, out, a_out=a_out, b_out=b_out)
+    torch.addmm(weight, B, A, alpha=scale, out=out)
+    if a_out is not None:
+        a_out.copy_(A)
+    if b_out is not None:
+        b_out.copy_(B)
+    return out
 
 
-def stacked_merged_weight(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], scales: list[float]) -> Tensor:
+def merged_weight_and_b(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor:
+    """[W' | B]: (d, k + r), W' = W0 + s B A in the first k columns and B in the last r.
+
+    One GEMM with it gives [dY W' | dY B] (N, k + r): a backward's dX and its dY B from one
+    read of dY instead of two (``bench/append_gemm.py`` measures where that pays)."""
+    d, k = weight.shape
+    out = torch.empty((d, k + A.shape[0]), dtype=weight.dtype, device=weight.device)
+    _merge_into(weight, B, A, scale, out[:, :k], b_out=out[:, k:])
+    return out
+
+
+def stacked_merged_weight(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], scales: list[float],
+                          append_a: bool = False) -> Tensor:
     """[W_1 + s_1 B_1 A_1; ...; W_m + s_m B_m A_m]: the merged weights of layers that read the
     same input, stacked along rows into one (sum of d_i, k) tensor (one GEMM then serves them all).
 
+    ``append_a``: the A's follow as rows ((sum of d_i + sum of r_i, k)), so that the GEMM's last
+    columns are x [A_1; ...; A_m]^T, the LoRA forward's x A^T without a second read of x.
+
     On the GPU one Triton launch for up to three parts (``lorakit.kernels.merge.merged_weights``);
-    otherwise ``merged_weight`` per part, each written in place into its rows."""
+    otherwise one merge per part, each written in place into its rows."""
     w0 = weights[0]
-    out = torch.empty((sum(w.shape[0] for w in weights), w0.shape[1]), dtype=w0.dtype, device=w0.device)
+    D = sum(w.shape[0] for w in weights)
+    R = sum(A.shape[0] for A in As) if append_a else 0
+    out = torch.empty((D + R, w0.shape[1]), dtype=w0.dtype, device=w0.device)
+    a_out = out[D:] if append_a else None
     if len(weights) > 1 and w0.is_cuda and not torch.compiler.is_compiling():
         k = kernels.load("merge")
         if k is not None and k.group_supported(weights, Bs, As):
-            return k.merged_weights(weights, Bs, As, scales, out)
-    o = 0
+            k.merged_weights(weights, Bs, As, scales, out[:D], a_out=a_out)
+            return out
+    o = r0 = 0
     for w, B, A, s in zip(weights, Bs, As, scales):
-        merged_weight(w, B, A, s, out=out[o:o + w.shape[0]])
+        r = A.shape[0]
+        _merge_into(w, B, A, s, out[o:o + w.shape[0]], a_out=None if a_out is None else a_out[r0:r0 + r])
         o += w.shape[0]
+        r0 += r
     return out
 
 

@@ -69,8 +69,8 @@ def grads(fn, x, w, b, A, B, s):
 @pytest.mark.parametrize("merged", [True, False])
 def test_opcheck_lora_linear(merged):
     x, w, b, A, B = linear_inputs(5, 8, 6, 2)
-    torch.library.opcheck(torch.ops.lorakit.lora_linear.default, (x, w, b, A, B, 1.5, merged))
-    torch.library.opcheck(torch.ops.lorakit.lora_linear.default, (x, w, None, A, B, 1.5, merged))
+    torch.library.opcheck(compiled.op("lora_linear"), (x, w, b, A, B, 1.5, merged))
+    torch.library.opcheck(compiled.op("lora_linear"), (x, w, None, A, B, 1.5, merged))
 
 
 def test_opcheck_gated_mlp():
@@ -81,7 +81,7 @@ def test_opcheck_gated_mlp():
         return (torch.randn(*shape, generator=g) * 0.3).requires_grad_(grad)
     args = (p(3, 4, h), p(i, h, grad=False), p(i, h, grad=False), p(h, i, grad=False),
             p(r, h), p(i, r), p(r, h), p(i, r), p(r, i), p(h, r), 2.0, 1.0, 0.5)
-    torch.library.opcheck(torch.ops.lorakit.gated_mlp.default, args)
+    torch.library.opcheck(compiled.op("gated_mlp"), args)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -94,7 +94,7 @@ def test_opcheck_shared_linear(bias):
     ws = [p(d, k, grad=False) for d in ds]
     bs = [p(d, grad=False) if bias else None for d in ds]
     args = (p(3, 5, k), ws, bs, [p(r, k) for r in rs], [p(d, r) for d, r in zip(ds, rs)], [2.0, 2.0, 0.5])
-    torch.library.opcheck(torch.ops.lorakit.shared_linear.default, args)
+    torch.library.opcheck(compiled.op("shared_linear"), args)
 
 
 def test_fake_tensors_take_the_fake_kernel_never_the_implementation(monkeypatch):
@@ -107,9 +107,9 @@ def test_fake_tensors_take_the_fake_kernel_never_the_implementation(monkeypatch)
     x, w, b, A, B = (t.detach() for t in linear_inputs(5, 8, 6, 2))
     with FakeTensorMode() as mode:
         fx, fw, fb, fA, fB = (mode.from_tensor(t) for t in (x, w, b, A, B))
-        y, xa = torch.ops.lorakit.lora_linear.default(fx, fw, fb, fA, fB, 1.5, True)
+        y, xa = compiled.op("lora_linear")(fx, fw, fb, fA, fB, 1.5, True)
     assert calls == [] and y.shape == (2, 5, 6) and xa.shape == (2, 5, 2)
-    y, _ = torch.ops.lorakit.lora_linear.default(x, w, b, A, B, 1.5, True)
+    y, _ = compiled.op("lora_linear")(x, w, b, A, B, 1.5, True)
     assert calls == [1] and torch.equal(y, ops.lora_linear(x, w, b, A, B, 1.5, mode="merged"))
 
 
@@ -123,7 +123,7 @@ def test_compiled_linear_runs_the_operator_and_matches_eager(n, k, d, r, mode):
     got = grads(fn, x, w, b, A, B, 1.5)
     want = grads(lambda *a: ops.lora_linear(*a, mode=mode), x, w, b, A, B, 1.5)
     torch._dynamo.reset()
-    assert rec.called("lorakit.lora_linear.default") == 1 and rec.called("lorakit.lora_linear_backward") == 1
+    assert rec.called("lorakit.lora_linear." + compiled.OVERLOAD) == 1 and rec.called("lorakit.lora_linear_backward") == 1
     for a, e in zip(got, want):
         assert torch.equal(a, e)            # the same code runs inside the operator
 
@@ -191,8 +191,8 @@ def test_compiled_model_runs_the_operators_and_matches_eager():
     torch._dynamo.reset()
     # layer 0's input needs no gradient: two graphs for two layers, each q|k|v as one node,
     # o_proj and the MLP
-    assert rec.called("lorakit.lora_linear.default") == 2 and rec.called("lorakit.gated_mlp.default") == 2
-    assert rec.called("lorakit.shared_linear.default") == 2 and rec.called("lorakit.shared_linear_backward") == 2
+    assert rec.called("lorakit.lora_linear." + compiled.OVERLOAD) == 2 and rec.called("lorakit.gated_mlp." + compiled.OVERLOAD) == 2
+    assert rec.called("lorakit.shared_linear." + compiled.OVERLOAD) == 2 and rec.called("lorakit.shared_linear_backward") == 2
     assert rec.called("lorakit.gated_mlp_backward") == 2
     assert abs(got[0].item() - want[0].item()) <= 1e-6 * abs(want[0].item())
     for a, e in zip(got[1], want[1]):
@@ -200,8 +200,8 @@ def test_compiled_model_runs_the_operators_and_matches_eager():
 
 
 def test_compiled_mlp_saves_gu_and_x_never_h_or_merged_weights():
-    """The forward graph keeps g|u (N, 2I) and x; h (N, I) is recomputed inside the backward
-    operator, and no merged weight (I, H) / (2I, H) is kept."""
+    """The forward graph keeps g|u with x [Ag; Au]^T beside it (N, 2I + rg + ru) and x; h (N, I)
+    is recomputed inside the backward operator, and no merged weight (I, H) / (2I, H) is kept."""
     model = lora_llama(layers=1)
     mlp = model.model.layers[0].mlp
     i, hid = mlp.gate_proj.base.weight.shape
@@ -209,10 +209,28 @@ def test_compiled_mlp_saves_gu_and_x_never_h_or_merged_weights():
     rec = Recorder()
     torch.compile(mlp, backend=rec.backend, fullgraph=True)(x).sum().backward()
     torch._dynamo.reset()
-    n = 64
-    assert (n, 2 * i) in rec.saved
+    n, r = 64, mlp.gate_proj.adapters["default"].r
+    assert (n, 2 * i + 2 * r) in rec.saved
     assert (n, i) not in rec.saved and (4, 16, i) not in rec.saved
     assert not {(i, hid), (hid, i), (2 * i, hid)} & set(rec.saved)
+
+
+def test_compiled_graph_names_the_operators_code_version():
+    """The graph torch.compile caches on disk calls the operators by an overload named after a
+    hash of their code, so a cache filled by another version of that code is never served."""
+    model = lora_llama(layers=1)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(4, 16, mlp.gate_proj.base.weight.shape[1], requires_grad=True)
+    codes = []
+
+    def backend(gm, _):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch.compile(mlp, backend=backend, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert compiled.OVERLOAD == compiled._code_tag() and compiled.OVERLOAD.startswith("v")
+    assert f"lorakit.gated_mlp.{compiled.OVERLOAD}" in codes[0]
 
 
 def test_fused_under_compile_respects_fusable():
@@ -223,7 +241,7 @@ def test_fused_under_compile_respects_fusable():
     rec = Recorder()
     torch.compile(mlp, backend=rec.backend, fullgraph=True)(x).sum().backward()
     torch._dynamo.reset()
-    assert rec.called("lorakit.gated_mlp") == 0 and rec.called("lorakit.lora_linear.default") == 3
+    assert rec.called("lorakit.gated_mlp") == 0 and rec.called("lorakit.lora_linear." + compiled.OVERLOAD) == 3
     assert fused.fused_is_cheaper(2, *mlp.gate_proj.base.weight.shape) is False
 
 

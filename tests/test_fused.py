@@ -121,6 +121,39 @@ def test_only_lora_b_trains(monkeypatch):
     assert_close(got, want, 1e-5)
 
 
+def test_only_lora_a_trains(monkeypatch):
+    """No dB wanted: the forward appends no A rows to the merged weights (gu is (N, 2I), no
+    h Ad^T); the backward still takes dY Bd from the dX GEMM."""
+    model = lora_llama()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.requires_grad_(False)
+    count = Count(monkeypatch)
+    got, want = fused_vs_unfused(model)
+    assert count.n == 2 and all("lora_A" in n for n in got[1])
+    assert_close(got, want, 1e-5)
+
+
+def test_output_may_be_modified_in_place(monkeypatch):
+    """The node's output is a column slice of [y | h Ad^T]; callers may still modify it in place."""
+    model = lora_llama()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 32, mlp.gate_proj.base.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    count = Count(monkeypatch)
+    grads = []
+    for attached in (True, False):
+        (fused.attach if attached else fused.detach)(model)
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        y = mlp(xg)
+        y.mul_(3.0).add_(1.0)
+        (y ** 2).sum().backward()
+        grads.append([xg.grad] + [p.grad for p in mlp.parameters() if p.requires_grad])
+    assert count.n == 1
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def check_bfloat16(monkeypatch, device):
     """bfloat16, fused and unfused, each against the float32 model: the fused node is no less
     accurate than the unfused layers (it rounds h once instead of twice)."""

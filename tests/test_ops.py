@@ -203,6 +203,19 @@ def test_layer_inference_path_equals_training_path():
     assert rel(got, want) < 1e-6
 
 
+def test_merged_weights_with_appended_factors_cpu():
+    """[W'; A_1; A_2] and [W' | B]: the merged weights as merged_weight builds them, the factors exact."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(d, 24, generator=g) for d in (16, 8)]
+    Bs = [torch.randn(d, r, generator=g) for d, r in ((16, 4), (8, 2))]
+    As = [torch.randn(r, 24, generator=g) for r in (4, 2)]
+    want = [ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, (0.5, 2.0))]
+    got = ops.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_a=True)
+    assert torch.equal(got, torch.cat(want + As))
+    wb = ops.merged_weight_and_b(ws[0], Bs[0], As[0], 0.5)
+    assert torch.equal(wb, torch.cat([want[0], Bs[0]], dim=1))
+
+
 def test_merged_is_cheaper_rule():
     # training: N (d + k) > 2 d k; inference: N (k + 2d) > 2 d k
     assert ops.merged_is_cheaper(8192, 2048, 2048, training=True)
@@ -403,6 +416,27 @@ def test_gpu_stacked_merged_weight_equals_one_merge_per_part(dtype, ds, k, rs):
     want = torch.cat([ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, scales)])
     for _ in range(3):                                       # the JIT, then the direct launches
         assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales), want)
+        # the A's appended as rows, in the same launch
+        assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales, append_a=True), torch.cat([want, *As]))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,k,r", [(2048, 8192, 16), (333, 136, 8), (100, 300, 64), (64, 64, 200)])
+def test_gpu_merged_weight_with_appended_factors(dtype, d, k, r):
+    """[W' | B] (merged_weight_and_b) and [W'; A] (stacked_merged_weight with append_a) from the
+    kernel: W' as merged_weight builds it, the factors copied exactly."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(d, k, device="cuda", generator=g).to(dtype)
+    B = (torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype)
+    A = torch.randn(r, k, device="cuda", generator=g).to(dtype)
+    want = ops.merged_weight(w, B, A, 0.75)
+    for _ in range(3):
+        wb = ops.merged_weight_and_b(w, B, A, 0.75)
+        assert wb.shape == (d, k + r) and torch.equal(wb[:, :k], want) and torch.equal(wb[:, k:], B)
+        wa = ops.stacked_merged_weight([w], [B], [A], [0.75], append_a=True)
+        assert wa.shape == (d + r, k) and torch.equal(wa[:d], want) and torch.equal(wa[d:], A)
 
 
 @pytest.mark.gpu
