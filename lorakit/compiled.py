@@ -8,10 +8,11 @@ compiler treats each as one opaque node:
 * ``lorakit::lora_linear`` (x, W0, b, A, B, s, merged) -> (y, xa)
   and its backward ``lorakit::lora_linear_backward`` -> (dx, dA, dB);
 * ``lorakit::gated_mlp`` (x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd) -> (y, gu, has)
-  and its backward ``lorakit::gated_mlp_backward`` -> (dx, dAg, dBg, dAu, dBu, dAd, dBd);
+  and its backward ``lorakit::gated_mlp_backward`` -> (dx, [dAg; dAu], dBg, dBu, dAd, dBd);
 * ``lorakit::shared_linear`` (x, [W_i], [b_i], [A_i], [B_i], [s_i]) -> [y_1, ..., y_m, xa]
   (q, k and v as one node, lorakit.grouped) and its backward
-  ``lorakit::shared_linear_backward`` -> [dx, dA_1, ..., dA_m, dB_1, ..., dB_m].
+  ``lorakit::shared_linear_backward`` -> [dx, [dA_1; ...; dA_m], dB_1, ..., dB_m] (the stacked
+  dA is split outside the operator: its outputs may not alias).
 
 Why opaque: traced op by op, the merged weight W' = W0 + s B A that backward rebuilds is
 a function of forward inputs only, so the partitioner hoists it into the forward graph and
@@ -175,20 +176,21 @@ def _mlp_fake(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
 
 
 def _mlp_backward(dy, x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
-    """[dx, dAg, dBg, dAu, dBu, dAd, dBd], empty where not needed; adapter grads in their dtypes."""
+    """[dx, dAgu, dBg, dBu, dAd, dBd], empty where not needed, adapter grads in their dtypes;
+    dAgu = [dAg; dAu] stacked (``_MlpOp.backward`` splits it: operator outputs may not alias)."""
     hid = wg.shape[1]
     adapters = (ag, bg, au, bu, ad, bd)
-    dx, *grads = fused.mlp_backward(dy.reshape(-1, hid), x.reshape(-1, hid), gu, has, wg, wu, wd,
-                                    *(_cast(t, x.dtype) for t in adapters), sg, su, sd, tuple(need))
-    if grads[0] is not None and grads[2] is not None:
-        grads[2] = grads[2].clone()         # dAg, dAu: two halves of one tensor; outputs may not alias
-    grads = [_none(None if g is None else _cast(g, t.dtype), t) for g, t in zip(grads, adapters)]
+    dx, dA, *rest = fused.mlp_backward(dy.reshape(-1, hid), x.reshape(-1, hid), gu, has, wg, wu, wd,
+                                       *(_cast(t, x.dtype) for t in adapters), sg, su, sd, tuple(need))
+    grads = [_none(None if g is None else _cast(g, t.dtype), t) for g, t in zip([dA, *rest], (ag, bg, bu, ad, bd))]
     return [_none(None if dx is None else dx.view(x.shape), x), *grads]
 
 
 def _mlp_backward_fake(dy, x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
-    like = (x, ag, bg, au, bu, ad, bd)
-    return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need)]
+    n_x, n_ag, n_bg, n_au, n_bu, n_ad, n_bd = need
+    dA = ag.new_empty((ag.shape[0] + au.shape[0], ag.shape[1])) if n_ag or n_au else ag.new_empty(0)
+    rest = [torch.empty_like(t) if n else t.new_empty(0) for t, n in ((bg, n_bg), (bu, n_bu), (ad, n_ad), (bd, n_bd))]
+    return [torch.empty_like(x) if n_x else x.new_empty(0), dA, *rest]
 
 
 class _MlpOp(torch.autograd.Function):
@@ -209,8 +211,11 @@ class _MlpOp(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = op("gated_mlp_backward")(dy, x, gu, has, wg, wu, wd, *adapters, *ctx.scales,
                                                              [need[0], *need[4:10]])
-        dx, *rest = (_some(g) for g in grads)
-        return (dx, None, None, None, *rest, None, None, None)
+        dx, dA, dBg, dBu, dAd, dBd = (_some(g) for g in grads)
+        ag, au = adapters[0], adapters[2]
+        dAg, dAu = fused.split_gate_up(dA, ag, au, need[4], need[6])
+        dAu = None if dAu is None else _cast(dAu, au.dtype)
+        return (dx, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd, None, None, None)
 
 
 def _mlp_autograd(x, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd):
@@ -237,20 +242,30 @@ def _shared_fake(x, weights, biases, As, Bs, scales):
 
 
 def _shared_backward(dys, x, xa, weights, As, Bs, scales, need):
-    """[dx, dA_1..m, dB_1..m], empty where not needed; adapter grads in their dtypes."""
+    """[dx, dA, dB_1..m], empty where not needed: dA = [dA_1; ...; dA_m] stacked in A's dtype
+    (``_SharedOp.backward`` splits it: operator outputs may not alias, and a clone per member
+    costs a launch each); dB's in their dtypes."""
     m = len(weights)
-    dx, dAs, dBs = grouped.shared_backward(dys, x, xa, weights, [_cast(A, x.dtype) for A in As],
-                                           [_cast(B, x.dtype) for B in Bs], scales, need[0],
-                                           need[1:1 + m], need[1 + m:])
-    dAs = [None if g is None else g.clone() if g.dtype == t.dtype else g.to(t.dtype)   # row slices of one tensor:
-           for g, t in zip(dAs, As)]                                                  # outputs may not alias
+    dx, dA, dBs = grouped.shared_backward(dys, x, xa, weights, [_cast(A, x.dtype) for A in As],
+                                          [_cast(B, x.dtype) for B in Bs], scales, need[0],
+                                          need[1:1 + m], need[1 + m:])
+    dA = None if dA is None else _cast(dA, As[0].dtype)
     dBs = [None if g is None else _cast(g, t.dtype) for g, t in zip(dBs, Bs)]
-    return [_none(dx, x)] + [_none(g, t) for g, t in zip(dAs + dBs, list(As) + list(Bs))]
+    return [_none(dx, x), _none(dA, As[0])] + [_none(g, t) for g, t in zip(dBs, Bs)]
 
 
 def _shared_backward_fake(dys, x, xa, weights, As, Bs, scales, need):
-    like = [x, *As, *Bs]
-    return [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need)]
+    m = len(weights)
+    k = x.shape[-1]
+    R = sum(A.shape[0] for A in As)
+    if not need[0]:
+        dx = x.new_empty(0)
+    elif any(need[1:1 + m]) and all(s == scales[0] for s in scales):     # a column slice of [dY W' | dY B]
+        dx = x.new_empty((x.numel() // k, k + R))[:, :k].view(x.shape)
+    else:
+        dx = torch.empty_like(x)
+    dA = As[0].new_empty((R, k)) if any(need[1:1 + m]) else As[0].new_empty(0)
+    return [dx, dA] + [torch.empty_like(B) if n else B.new_empty(0) for B, n in zip(Bs, need[1 + m:])]
 
 
 class _SharedOp(torch.autograd.Function):
@@ -276,8 +291,10 @@ class _SharedOp(torch.autograd.Function):
         flags = [need[0], *need[2 + 2 * m:2 + 4 * m]]
         out = op("shared_linear_backward")(list(grads[:m]), x, xa, rest[:m], rest[m:2 * m],
                                                                rest[2 * m:], ctx.scales, flags)
-        dx, *ab = (_some(g) for g in out)
-        return (dx, None) + (None,) * (2 * m) + tuple(ab) + (None,)
+        dx, dA, *dBs = (_some(g) for g in out)
+        dAs = [None if g is None else _cast(g, A.dtype)
+               for g, A in zip(grouped.split_rows(dA, rest[m:2 * m], flags[1:1 + m]), rest[m:2 * m])]
+        return (dx, None) + (None,) * (2 * m) + tuple(dAs) + tuple(dBs) + (None,)
 
 
 def _shared_autograd(x, weights, biases, As, Bs, scales):

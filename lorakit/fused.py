@@ -120,8 +120,9 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
 def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Tensor],
                  wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
                  need: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
-    """(dx, dAg, dBg, dAu, dBu, dAd, dBd) of ``mlp_forward`` for dY (N, H), in x's dtype;
-    ``need`` flags the same seven. gu and has as ``mlp_forward`` returned them.
+    """(dx, dAgu, dBg, dBu, dAd, dBd) of ``mlp_forward`` for dY (N, H), in x's dtype, where
+    dAgu = [dAg; dAu] (rg + ru, H) stacked; ``need`` flags dx, dAg, dBg, dAu, dBu, dAd, dBd.
+    gu and has as ``mlp_forward`` returned them.
 
     The scales ride on GEMM ``alpha``: ``addmm(c, a, b, beta=0, alpha=s)`` computes s a b and
     ignores c (any tensor that broadcasts to the result: here the adapter weight of the result's
@@ -132,7 +133,7 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
     gu = gu[:, :2 * i]
     if need_ad:                                                             # [dY W'd | dY Bd]: one read of dY
-        full = torch.mm(dy2, ops.merged_weight_and_b(wd, bdc, adc, sd))     # (N, I + rd)
+        full = torch.mm(dy2, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
     else:
         dh, gd = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
@@ -141,17 +142,24 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
     del dh, gd
     dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)) if need_x else None   # (N, H)
-    dAg = dAu = dBg = dBu = None
+    dA = dBg = dBu = None
     if need_ag or need_au:
         same = sg == su
         bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
         gs = torch.mm(dgu, bd)                                              # [dg Bg | du Bu] (N, rg + ru) (times s)
-        dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # (rg + ru, H)
-        dAg, dAu = dA[:rg], dA[rg:]
+        dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
     if need_bg or need_bu:                                                  # contiguous (I, r) results
         dBg = torch.addmm(bgc, dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=sg)   # sg dg^T (x Ag^T)
         dBu = torch.addmm(buc, dgu[:, i:].t(), xas[:, rg:], beta=0, alpha=su)   # su du^T (x Au^T)
-    return dx, dAg, dBg, dAu, dBu, dAd, dBd
+    return dx, dA, dBg, dBu, dAd, dBd
+
+
+def split_gate_up(dA: Optional[Tensor], ag: Tensor, au: Tensor, need_g: bool, need_u: bool):
+    """(dAg, dAu): the row blocks of [dAg; dAu] (None where not needed)."""
+    if dA is None:
+        return None, None
+    rg = ag.shape[0]
+    return (dA[:rg] if need_g else None), (dA[rg:] if need_u else None)
 
 
 class _GatedMlpFn(torch.autograd.Function):
@@ -182,8 +190,10 @@ class _GatedMlpFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2, gu, has, wg, wu, wd, *adapters = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, *grads = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, has, wg, wu, wd, *adapters,
-                                  *ctx.scales, (need[0], *need[4:10]))
+        dx, dA, dBg, dBu, dAd, dBd = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, has, wg, wu, wd, *adapters,
+                                                  *ctx.scales, (need[0], *need[4:10]))
+        dAg, dAu = split_gate_up(dA, adapters[0], adapters[2], need[4], need[6])
+        grads = [dAg, dBg, dAu, dBu, dAd, dBd]
         grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *grads, None, None, None)
 

@@ -180,29 +180,33 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
 
 
 def shared_backward(dys, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, scales, need_x: bool,
-                    need_a: list[bool], need_b: list[bool]) -> tuple[Optional[Tensor], list, list]:
-    """(dx, [dA_i], [dB_i]) in x's dtype (None where not needed) for the members' output
-    gradients ``dys``; x is needed for the dA's, xa for the dB's."""
+                    need_a: list[bool], need_b: list[bool]) -> tuple[Optional[Tensor], Optional[Tensor], list]:
+    """(dx, dA, [dB_i]) in x's dtype (None where not needed) for the members' output gradients
+    ``dys``; dA = [dA_1; ...; dA_m] (R, k) stacked (rows of the members that need it are theirs).
+    x is needed for the dA's, xa for the dB's.
+
+    With equal scales (the usual case) dX and gs = [dy_i B_i] come from one GEMM,
+    dY [W' | blockdiag(B_i)], which reads dY once; dX is then a column slice of its result."""
     m = len(ws)
     k = ws[0].shape[1]
     D = sum(w.shape[0] for w in ws)
     dY = torch.cat(dys, dim=-1)                                             # (..., D)
     dY2 = dY.view(-1, D)                                                    # (N, D)
-    dx = dY.matmul(ops.stacked_merged_weight(ws, Bc, Ac, scales)) if need_x else None   # dY W'  (..., k)
-    dAs, dBs = [None] * m, [None] * m
+    same = all(s == scales[0] for s in scales)
+    dx = gs = dA = None
+    if need_x and any(need_a) and same:
+        full = torch.mm(dY2, ops.stacked_merged_weight(ws, Bc, Ac, scales, append_b=True))   # (N, k + R)
+        dx, gs = full[:, :k].view(dY.shape[:-1] + (k,)), full[:, k:]        # dY W', [dy_i B_i]
+    elif need_x:
+        dx = dY.matmul(ops.stacked_merged_weight(ws, Bc, Ac, scales))       # dY W'  (..., k)
     if any(need_a):
-        same = all(s == scales[0] for s in scales)                          # (the usual case: fold s into alpha)
-        bd = torch.block_diag(*Bc) if same else torch.block_diag(*(B * s for B, s in zip(Bc, scales)))
-        gs = torch.mm(dY2, bd)                                              # (N, R): [dy_i B_i] (times s_i)
+        if gs is None:
+            bd = torch.block_diag(*Bc) if same else torch.block_diag(*(B * s for B, s in zip(Bc, scales)))
+            gs = torch.mm(dY2, bd)                                          # (N, R): [dy_i B_i] (times s_i)
         # dA = s gs^T x, (R, k): one read of x for every A. (addmm with beta=0 ignores its
         # first argument; a row of W0 has the shape it must broadcast from.)
         dA = torch.addmm(ws[0][0], gs.t(), x.reshape(-1, k), beta=0, alpha=scales[0] if same else 1.0)
-        r0 = 0
-        for i, A in enumerate(Ac):
-            r = A.shape[0]
-            if need_a[i]:
-                dAs[i] = dA[r0:r0 + r]
-            r0 += r
+    dBs = [None] * m
     if any(need_b):
         xa2 = xa.reshape(-1, xa.shape[-1])
         o = r0 = 0
@@ -212,7 +216,17 @@ def shared_backward(dys, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, 
                 dBs[i] = torch.addmm(B, dY2[:, o:o + d].t(), xa2[:, r0:r0 + r], beta=0, alpha=s)
             o += d
             r0 += r
-    return dx, dAs, dBs
+    return dx, dA, dBs
+
+
+def split_rows(t: Optional[Tensor], parts: list[Tensor], need: list[bool]) -> list[Optional[Tensor]]:
+    """The row blocks of t shaped like ``parts`` (None where not needed, or t None)."""
+    out, r0 = [], 0
+    for p, n in zip(parts, need):
+        r = p.shape[0]
+        out.append(t[r0:r0 + r] if n and t is not None else None)
+        r0 += r
+    return out
 
 
 class _SharedLinearFn(torch.autograd.Function):
@@ -241,8 +255,10 @@ class _SharedLinearFn(torch.autograd.Function):
         m = ctx.m
         x, xa, *rest = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dAs, dBs = shared_backward(dys, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, need[0],
-                                       need[2 + 2 * m:2 + 3 * m], need[2 + 3 * m:2 + 4 * m])
+        need_a = need[2 + 2 * m:2 + 3 * m]
+        dx, dA, dBs = shared_backward(dys, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, need[0],
+                                      need_a, need[2 + 3 * m:2 + 4 * m])
+        dAs = split_rows(dA, rest[m:2 * m], need_a)
         grads = [None if g is None else ops._cast(g, t) for g, t in zip(dAs + dBs, ctx.dtypes)]
         return (dx, None) + (None,) * (2 * m) + tuple(grads) + (None,)
 

@@ -143,42 +143,43 @@ def _merge_into(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Tensor,
     return out
 
 
-def merged_weight_and_b(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor:
-    """[W' | B]: (d, k + r), W' = W0 + s B A in the first k columns and B in the last r.
-
-    One GEMM with it gives [dY W' | dY B] (N, k + r): a backward's dX and its dY B from one
-    read of dY instead of two (``bench/append_gemm.py`` measures where that pays)."""
-    d, k = weight.shape
-    out = torch.empty((d, k + A.shape[0]), dtype=weight.dtype, device=weight.device)
-    _merge_into(weight, B, A, scale, out[:, :k], b_out=out[:, k:])
-    return out
-
-
 def stacked_merged_weight(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], scales: list[float],
-                          append_a: bool = False) -> Tensor:
+                          append_a: bool = False, append_b: bool = False) -> Tensor:
     """[W_1 + s_1 B_1 A_1; ...; W_m + s_m B_m A_m]: the merged weights of layers that read the
-    same input, stacked along rows into one (sum of d_i, k) tensor (one GEMM then serves them all).
+    same input, stacked along rows into one (D = sum of d_i, k) tensor (one GEMM then serves them all).
 
-    ``append_a``: the A's follow as rows ((sum of d_i + sum of r_i, k)), so that the GEMM's last
-    columns are x [A_1; ...; A_m]^T, the LoRA forward's x A^T without a second read of x.
+    The LoRA factors can ride along, so that the GEMM with the merged weights also computes the
+    small product the LoRA gradients need, without a second read of its large input:
 
-    On the GPU one Triton launch for up to three parts (``lorakit.kernels.merge.merged_weights``);
-    otherwise one merge per part, each written in place into its rows."""
+    * ``append_a``: [W'; A_1; ...; A_m] (D + R, k), R = sum of r_i: x [W'; A]^T = [y | x A^T];
+    * ``append_b``: [W' | blockdiag(B_1, ..., B_m)] (D, k + R): dY [W' | B] = [dX | dY_i B_i ...].
+
+    On the GPU one Triton launch (``lorakit.kernels.merge``: up to three parts); otherwise one
+    merge per part, each written in place into its rows, and the factors copied."""
+    assert not (append_a and append_b)
     w0 = weights[0]
-    D = sum(w.shape[0] for w in weights)
-    R = sum(A.shape[0] for A in As) if append_a else 0
-    out = torch.empty((D + R, w0.shape[1]), dtype=w0.dtype, device=w0.device)
+    D, k = sum(w.shape[0] for w in weights), w0.shape[1]
+    R = sum(A.shape[0] for A in As)
+    out = torch.empty((D + R * append_a, k + R * append_b), dtype=w0.dtype, device=w0.device)
+    W = out[:D, :k]
     a_out = out[D:] if append_a else None
-    if len(weights) > 1 and w0.is_cuda and not torch.compiler.is_compiling():
-        k = kernels.load("merge")
-        if k is not None and k.group_supported(weights, Bs, As):
-            k.merged_weights(weights, Bs, As, scales, out[:D], a_out=a_out)
+    b_out = out[:, k:] if append_b else None
+    if w0.is_cuda and not torch.compiler.is_compiling():
+        kern = kernels.load("merge")
+        if kern is not None and len(weights) == 1 and kern.supported(w0, Bs[0], As[0]):
+            kern.merged_weight(w0, Bs[0], As[0], scales[0], W, a_out=a_out, b_out=b_out)
             return out
+        if kern is not None and len(weights) > 1 and kern.group_supported(weights, Bs, As):
+            kern.merged_weights(weights, Bs, As, scales, W, a_out=a_out, b_out=b_out)
+            return out
+    if b_out is not None and len(weights) > 1:
+        b_out.zero_()                                                       # blockdiag's off-diagonal blocks
     o = r0 = 0
     for w, B, A, s in zip(weights, Bs, As, scales):
-        r = A.shape[0]
-        _merge_into(w, B, A, s, out[o:o + w.shape[0]], a_out=None if a_out is None else a_out[r0:r0 + r])
-        o += w.shape[0]
+        d, r = w.shape[0], A.shape[0]
+        _merge_into(w, B, A, s, W[o:o + d], a_out=None if a_out is None else a_out[r0:r0 + r],
+                    b_out=None if b_out is None else b_out[o:o + d, r0:r0 + r])
+        o += d
         r0 += r
     return out
 

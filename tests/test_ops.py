@@ -212,8 +212,10 @@ def test_merged_weights_with_appended_factors_cpu():
     want = [ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, (0.5, 2.0))]
     got = ops.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_a=True)
     assert torch.equal(got, torch.cat(want + As))
-    wb = ops.merged_weight_and_b(ws[0], Bs[0], As[0], 0.5)
+    wb = ops.stacked_merged_weight(ws[:1], Bs[:1], As[:1], [0.5], append_b=True)
     assert torch.equal(wb, torch.cat([want[0], Bs[0]], dim=1))
+    wbs = ops.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_b=True)           # [W' | blockdiag(B_1, B_2)]
+    assert torch.equal(wbs, torch.cat([torch.cat(want), torch.block_diag(*Bs)], dim=1))
 
 
 def test_merged_is_cheaper_rule():
@@ -416,8 +418,10 @@ def test_gpu_stacked_merged_weight_equals_one_merge_per_part(dtype, ds, k, rs):
     want = torch.cat([ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, scales)])
     for _ in range(3):                                       # the JIT, then the direct launches
         assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales), want)
-        # the A's appended as rows, in the same launch
+        # the A's appended as rows, or blockdiag(B's) as columns, in the same launch
         assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales, append_a=True), torch.cat([want, *As]))
+        assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales, append_b=True),
+                           torch.cat([want, torch.block_diag(*Bs)], dim=1))
 
 
 @pytest.mark.gpu
@@ -425,15 +429,15 @@ def test_gpu_stacked_merged_weight_equals_one_merge_per_part(dtype, ds, k, rs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d,k,r", [(2048, 8192, 16), (333, 136, 8), (100, 300, 64), (64, 64, 200)])
 def test_gpu_merged_weight_with_appended_factors(dtype, d, k, r):
-    """[W' | B] (merged_weight_and_b) and [W'; A] (stacked_merged_weight with append_a) from the
-    kernel: W' as merged_weight builds it, the factors copied exactly."""
+    """[W' | B] and [W'; A] (stacked_merged_weight with append_b / append_a) from the kernel: W'
+    as merged_weight builds it, the factors copied exactly."""
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(d, k, device="cuda", generator=g).to(dtype)
     B = (torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype)
     A = torch.randn(r, k, device="cuda", generator=g).to(dtype)
     want = ops.merged_weight(w, B, A, 0.75)
     for _ in range(3):
-        wb = ops.merged_weight_and_b(w, B, A, 0.75)
+        wb = ops.stacked_merged_weight([w], [B], [A], [0.75], append_b=True)
         assert wb.shape == (d, k + r) and torch.equal(wb[:, :k], want) and torch.equal(wb[:, k:], B)
         wa = ops.stacked_merged_weight([w], [B], [A], [0.75], append_a=True)
         assert wa.shape == (d + r, k) and torch.equal(wa[:d], want) and torch.equal(wa[d:], A)

@@ -31,14 +31,16 @@ MAX_RANK = 128
 
 
 @triton.jit
-def _merge_tile(w_ptr, b_ptr, a_ptr, o_ptr, ea_ptr, eb_ptr, bd, bk, D, K, r, s, s_w, s_b, s_a, s_o,
+def _merge_tile(w_ptr, b_ptr, a_ptr, o_ptr, ea_ptr, eb_ptr, bd, bk, D, K, r, s, s_w, s_b, s_a, s_o, b_off, b_tot,
                 R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                STORE_A: tl.constexpr, STORE_B: tl.constexpr):
+                STORE_A: tl.constexpr, STORE_B: tl.constexpr, RB: tl.constexpr):
     """Tile (bd, bk) of out = W + s B A: (BLOCK_D, BLOCK_K) of W read once, s B A in float32.
 
-    STORE_A: the first row block also copies its columns of A (r, BLOCK_K) to rows of ``ea_ptr``;
-    STORE_B: the first column block copies its rows of B (BLOCK_D, r) to ``eb_ptr`` (both with
-    out's row stride: the appended rows or columns of ``merged_weight``'s ``a_out`` / ``b_out``)."""
+    STORE_A: the first row block also copies its columns of A (r, BLOCK_K) to rows of ``ea_ptr``.
+    STORE_B: the first column block writes its rows of a band of ``b_tot`` columns at ``eb_ptr``:
+    B in columns [b_off, b_off + r), zeros elsewhere (with several parts stacked, the band is
+    block-diagonal: blockdiag(B_1, ..., B_m)). Both use out's row stride: the appended rows or
+    columns of ``merged_weight``'s ``a_out`` / ``b_out``. RB: a power of two >= b_tot."""
     rd = bd * BLOCK_D + tl.arange(0, BLOCK_D)
     rk = bk * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, R)
@@ -58,7 +60,11 @@ def _merge_tile(w_ptr, b_ptr, a_ptr, o_ptr, ea_ptr, eb_ptr, bd, bk, D, K, r, s, 
             tl.store(ea_ptr + rr[:, None] * s_o + rk[None, :], a, mask=mr[:, None] & mk[None, :])
     if STORE_B:
         if bk == 0:
-            tl.store(eb_ptr + rd64[:, None] * s_o + rr[None, :], b, mask=md[:, None] & mr[None, :])
+            cols = tl.arange(0, RB)
+            j = cols - b_off
+            mj = (j >= 0) & (j < r)
+            band = tl.load(b_ptr + rd64[:, None] * s_b + j[None, :], mask=md[:, None] & mj[None, :], other=0.0)
+            tl.store(eb_ptr + rd64[:, None] * s_o + cols[None, :], band, mask=md[:, None] & (cols < b_tot)[None, :])
 
 
 @triton.jit
@@ -66,31 +72,36 @@ def _merge_kernel(w_ptr, b_ptr, a_ptr, o_ptr, ea_ptr, eb_ptr, D, K, r, s, s_w, s
                   R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
                   STORE_A: tl.constexpr, STORE_B: tl.constexpr):
     _merge_tile(w_ptr, b_ptr, a_ptr, o_ptr, ea_ptr, eb_ptr, tl.program_id(0), tl.program_id(1), D, K, r, s,
-                s_w, s_b, s_a, s_o, R, BLOCK_D, BLOCK_K, IEEE, STORE_A, STORE_B)
+                s_w, s_b, s_a, s_o, 0, r, R, BLOCK_D, BLOCK_K, IEEE, STORE_A, STORE_B, R)
 
 
 @triton.jit
-def _merge3_kernel(w0, b0, a0, w1, b1, a1, w2, b2, a2, o_ptr, ea_ptr, D0, D1, D2, K, r0, r1, r2, s0, s1, s2,
-                   sw0, sb0, sa0, sw1, sb1, sa1, sw2, sb2, sa2, s_o,
+def _merge3_kernel(w0, b0, a0, w1, b1, a1, w2, b2, a2, o_ptr, ea_ptr, eb_ptr, D0, D1, D2, K, r0, r1, r2,
+                   s0, s1, s2, sw0, sb0, sa0, sw1, sb1, sa1, sw2, sb2, sa2, s_o,
                    R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                   STORE_A: tl.constexpr):
+                   STORE_A: tl.constexpr, STORE_B: tl.constexpr, RB: tl.constexpr):
     """Up to three merges stacked along rows of one output, in one launch: row blocks
     [0, D0 / BLOCK_D) are part 0's, the next D1 / BLOCK_D part 1's, the rest part 2's (every part
     but the last is a multiple of BLOCK_D rows, so no block straddles two parts; unused parts
-    have 0 rows). STORE_A: [A0; A1; A2] copied to the rows at ``ea_ptr`` too."""
+    have 0 rows). STORE_A: [A0; A1; A2] copied to the rows at ``ea_ptr`` too; STORE_B:
+    blockdiag(B0, B1, B2) to the columns at ``eb_ptr``."""
     pid = tl.program_id(0)
     bk = tl.program_id(1)
     n0 = tl.cdiv(D0, BLOCK_D)
     n1 = tl.cdiv(D1, BLOCK_D)
+    rt = r0 + r1 + r2
     if pid < n0:
-        _merge_tile(w0, b0, a0, o_ptr, ea_ptr, o_ptr, pid, bk, D0, K, r0, s0, sw0, sb0, sa0, s_o,
-                    R, BLOCK_D, BLOCK_K, IEEE, STORE_A, False)
+        _merge_tile(w0, b0, a0, o_ptr, ea_ptr, eb_ptr, pid, bk, D0, K, r0, s0, sw0, sb0, sa0, s_o, 0, rt,
+                    R, BLOCK_D, BLOCK_K, IEEE, STORE_A, STORE_B, RB)
     elif pid < n0 + n1:
-        _merge_tile(w1, b1, a1, o_ptr + D0.to(tl.int64) * s_o, ea_ptr + r0 * s_o, o_ptr, pid - n0, bk, D1, K,
-                    r1, s1, sw1, sb1, sa1, s_o, R, BLOCK_D, BLOCK_K, IEEE, STORE_A, False)
+        o1 = D0.to(tl.int64) * s_o
+        _merge_tile(w1, b1, a1, o_ptr + o1, ea_ptr + r0 * s_o, eb_ptr + o1, pid - n0, bk, D1, K,
+                    r1, s1, sw1, sb1, sa1, s_o, r0, rt, R, BLOCK_D, BLOCK_K, IEEE, STORE_A, STORE_B, RB)
     else:
-        _merge_tile(w2, b2, a2, o_ptr + (D0 + D1).to(tl.int64) * s_o, ea_ptr + (r0 + r1) * s_o, o_ptr,
-                    pid - n0 - n1, bk, D2, K, r2, s2, sw2, sb2, sa2, s_o, R, BLOCK_D, BLOCK_K, IEEE, STORE_A, False)
+        o2 = (D0 + D1).to(tl.int64) * s_o
+        _merge_tile(w2, b2, a2, o_ptr + o2, ea_ptr + (r0 + r1) * s_o, eb_ptr + o2,
+                    pid - n0 - n1, bk, D2, K, r2, s2, sw2, sb2, sa2, s_o, r0 + r1, rt, R, BLOCK_D, BLOCK_K, IEEE,
+                    STORE_A, STORE_B, RB)
 
 
 def supported(weight: Tensor, B: Tensor, A: Tensor) -> bool:
@@ -135,10 +146,11 @@ def group_supported(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor]) -
 
 
 def merged_weights(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], scales: list[float],
-                   out: Tensor, a_out: Optional[Tensor] = None) -> Tensor:
+                   out: Tensor, a_out: Optional[Tensor] = None, b_out: Optional[Tensor] = None) -> Tensor:
     """out = [W_0 + s_0 B_0 A_0; ...; W_m + s_m B_m A_m] (sum of d_i, k) in one launch
     (``group_supported``: at most 3 parts, every part but the last a multiple of BLOCK_D rows);
-    with ``a_out`` (sum of r_i, k; out's row stride) [A_0; ...; A_m] copied there too."""
+    with ``a_out`` (sum of r_i, k) [A_0; ...; A_m] copied there too, with ``b_out`` (sum of d_i,
+    sum of r_i) blockdiag(B_0, ..., B_m) (both with out's row stride)."""
     m = len(weights)
     k = weights[0].shape[1]
     ds = [w.shape[0] for w in weights] + [0] * (3 - m)
@@ -146,17 +158,19 @@ def merged_weights(weights: list[Tensor], Bs: list[Tensor], As: list[Tensor], sc
     pad = lambda seq, fill: list(seq) + [fill] * (3 - m)           # noqa: E731 - unused parts: never read
     ws, bs, as_ = pad(weights, weights[0]), pad(Bs, Bs[0]), pad(As, As[0])
     ea = out if a_out is None else a_out
-    key = launch.key(_merge3_kernel, (m, *ds, k, *rs, a_out is None), *ws, *bs, *as_, out, ea)
+    eb = out if b_out is None else b_out
+    key = launch.key(_merge3_kernel, (m, *ds, k, *rs, a_out is None, b_out is None), *ws, *bs, *as_, out, ea, eb)
     run = _LAUNCHES.get(key)
     if run is None:
         R = max(16, triton.next_power_of_2(max(rs)))
         run = _LAUNCHES[key] = launch.Direct(
             _merge3_kernel, (sum(triton.cdiv(d, BLOCK_D) for d in ds), triton.cdiv(k, BLOCK_K)),
             dict(R=R, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, IEEE=weights[0].dtype == torch.float32,
-                 STORE_A=a_out is not None),
+                 STORE_A=a_out is not None, STORE_B=b_out is not None,
+                 RB=max(16, triton.next_power_of_2(sum(rs)))),
             num_warps=8 if R > 32 else 4)
     sc = [float(x) for x in scales] + [0.0] * (3 - m)
-    run(ws[0], bs[0], as_[0], ws[1], bs[1], as_[1], ws[2], bs[2], as_[2], out, ea, *ds, k, *rs, *sc,
+    run(ws[0], bs[0], as_[0], ws[1], bs[1], as_[1], ws[2], bs[2], as_[2], out, ea, eb, *ds, k, *rs, *sc,
         ws[0].stride(0), bs[0].stride(0), as_[0].stride(0), ws[1].stride(0), bs[1].stride(0), as_[1].stride(0),
         ws[2].stride(0), bs[2].stride(0), as_[2].stride(0), out.stride(0))
     return out
