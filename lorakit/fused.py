@@ -11,12 +11,16 @@ output, down's input). A frozen model (the "bound") keeps three. The fused node 
 (g and u, side by side in one (N, 2I) buffer) plus x, and recomputes h in backward:
 
     forward                                            backward (dY: (N, H))
-    W'gu = [Wg + sg Bg Ag ; Wu + su Bu Au]  (2I, H)    dh   = dY W'd                      (N, I)
-    gu   = x W'gu^T = [g | u]               (N, 2I)    [dg | du], h = swiglu_bwd(dh, g, u)  one pass
+    W'gu = [Wg + sg Bg Ag ; Wu + su Bu Au]  (2I, H)    [dh | dY Bd] = dY [W'd | Bd]      (N, I + rd)
+    [g | u | x Ag^T | x Au^T] = x [W'gu; Ag; Au]^T     [dg | du], h = swiglu_bwd(dh, g, u)  one pass
     h    = silu(g) * u                      (N, I)     dx   = [dg | du] W'gu                (N, H)
     W'd  = Wd + sd Bd Ad                    (H, I)     dAd  = (sd dY Bd)^T h,  dBd = sd dY^T (h Ad^T)
-    y    = h W'd^T                          (N, H)     dAg|dAu = ([dg|du] blockdiag(sg Bg, su Bu))^T x
+    [y | h Ad^T] = h [W'd; Ad]^T            (N, H+rd)  [dAg; dAu] = ([dg|du] blockdiag(sg Bg, su Bu))^T x
                                                        dBg = dg^T x sg Ag^T,  dBu = du^T x su Au^T
+
+(The A's and Bd ride in the GEMMs as extra rows or columns of the merged weights, which the
+W' kernel writes in the same launch: x, h and dY are each read once, not again by a rank-r
+GEMM.)
 
 Every form is exact (W' is the merged weight of the ``merged`` form in lorakit.ops, rebuilt
 in backward rather than kept). Against the unfused path this saves per layer: two (N, I)

@@ -97,3 +97,22 @@ def test_host_cost_runs_on_cpu(tmp_path):
     steps = {r["name"]: r for r in rows if r["kind"] == "step"}
     assert set(steps) == {"bound", "lorakit"} and steps["bound"]["extra_ms"] == 0
     assert all(r["host_us"] > 0 for r in rows if r["kind"] == "op")
+
+
+def test_append_gemm_cases_compute_the_same_products():
+    """bench/append_gemm.py times two forms of one computation: on the CPU (float32) the appended
+    GEMM's result holds the separate GEMMs' results, at every site of a layer (smol widths)."""
+    from bench import append_gemm
+    for site in append_gemm.sites("smol", 16, 4):
+        fns = append_gemm.cases(site, "cpu", torch.float32)
+        sep, app = fns["separate"](), fns["appended"]()
+        cut = site["d"] if site["dir"] == "fwd" else site["k"]
+        assert torch.allclose(app[:, :cut], sep[0], rtol=1e-5, atol=1e-4)
+        assert torch.allclose(app[:, cut:], sep[1], rtol=1e-5, atol=1e-4)
+
+
+def test_small_gemm_sites_are_the_stacked_projections():
+    from bench import small_gemm
+    h, kv, m = 2048, 512, 8192
+    assert small_gemm.sites("1b", 16) == [("q|k|v", 8192, h + 2 * kv, h, 48), ("o", 8192, h, h, 16),
+                                          ("gate|up", 8192, 2 * m, h, 32), ("down", 8192, h, m, 16)]
