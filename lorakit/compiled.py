@@ -213,7 +213,7 @@ class _MlpOp(torch.autograd.Function):
                                                              [need[0], *need[4:10]])
         dx, dA, dBg, dBu, dAd, dBd = (_some(g) for g in grads)
         ag, au = adapters[0], adapters[2]
-        dAg, dAu = fused.split_gate_up(dA, ag, au, need[4], need[6])
+        dAg, dAu = ops.split_rows(dA, [ag, au], [need[4], need[6]])
         dAu = None if dAu is None else _cast(dAu, au.dtype)
         return (dx, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd, None, None, None)
 
@@ -293,7 +293,7 @@ class _SharedOp(torch.autograd.Function):
                                                                rest[2 * m:], ctx.scales, flags)
         dx, dA, *dBs = (_some(g) for g in out)
         dAs = [None if g is None else _cast(g, A.dtype)
-               for g, A in zip(grouped.split_rows(dA, rest[m:2 * m], flags[1:1 + m]), rest[m:2 * m])]
+               for g, A in zip(ops.split_rows(dA, rest[m:2 * m], flags[1:1 + m]), rest[m:2 * m])]
         return (dx, None) + (None,) * (2 * m) + tuple(dAs) + tuple(dBs) + (None,)
 
 

@@ -158,14 +158,6 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     return dx, dA, dBg, dBu, dAd, dBd
 
 
-def split_gate_up(dA: Optional[Tensor], ag: Tensor, au: Tensor, need_g: bool, need_u: bool):
-    """(dAg, dAu): the row blocks of [dAg; dAu] (None where not needed)."""
-    if dA is None:
-        return None, None
-    rg = ag.shape[0]
-    return (dA[:rg] if need_g else None), (dA[rg:] if need_u else None)
-
-
 class _GatedMlpFn(torch.autograd.Function):
     """y = (silu(x W'g^T) * (x W'u^T)) W'd^T with frozen W0s; see the module docstring.
 
@@ -196,7 +188,7 @@ class _GatedMlpFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dA, dBg, dBu, dAd, dBd = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, has, wg, wu, wd, *adapters,
                                                   *ctx.scales, (need[0], *need[4:10]))
-        dAg, dAu = split_gate_up(dA, adapters[0], adapters[2], need[4], need[6])
+        dAg, dAu = ops.split_rows(dA, [adapters[0], adapters[2]], [need[4], need[6]])
         grads = [dAg, dBg, dAu, dBu, dAd, dBd]
         grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *grads, None, None, None)

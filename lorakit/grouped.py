@@ -219,16 +219,6 @@ def shared_backward(dys, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, 
     return dx, dA, dBs
 
 
-def split_rows(t: Optional[Tensor], parts: list[Tensor], need: list[bool]) -> list[Optional[Tensor]]:
-    """The row blocks of t shaped like ``parts`` (None where not needed, or t None)."""
-    out, r0 = [], 0
-    for p, n in zip(parts, need):
-        r = p.shape[0]
-        out.append(t[r0:r0 + r] if n and t is not None else None)
-        r0 += r
-    return out
-
-
 class _SharedLinearFn(torch.autograd.Function):
     """Outputs x W_i'^T + b_i for every member i (see the module docstring).
 
@@ -258,7 +248,7 @@ class _SharedLinearFn(torch.autograd.Function):
         need_a = need[2 + 2 * m:2 + 3 * m]
         dx, dA, dBs = shared_backward(dys, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, need[0],
                                       need_a, need[2 + 3 * m:2 + 4 * m])
-        dAs = split_rows(dA, rest[m:2 * m], need_a)
+        dAs = ops.split_rows(dA, rest[m:2 * m], need_a)
         grads = [None if g is None else ops._cast(g, t) for g, t in zip(dAs + dBs, ctx.dtypes)]
         return (dx, None) + (None,) * (2 * m) + tuple(grads) + (None,)
 

@@ -184,6 +184,17 @@ def stacked_merged_weight(weights: list[Tensor], Bs: list[Tensor], As: list[Tens
     return out
 
 
+def split_rows(t: Optional[Tensor], parts: list[Tensor], need) -> list[Optional[Tensor]]:
+    """The row blocks of t (stacked gradients, [dA_1; dA_2; ...]) with the row counts of ``parts``
+    (None where ``need`` is false, or t None)."""
+    out, r0 = [], 0
+    for p, n in zip(parts, need):
+        r = p.shape[0]
+        out.append(t[r0:r0 + r] if n and t is not None else None)
+        r0 += r
+    return out
+
+
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
