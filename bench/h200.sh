@@ -27,6 +27,8 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s9a         # next: the rank-r reductions, cuBLAS vs Triton in GPU time (CUDA graphs); the
+#                                   # rank-r GEMMs alone
 #   bash bench/h200.sh s8d         # q/k/v backward with dY [W' | blockdiag(B)], stacked dA outputs: GPU tests,
 #                                   # 1B eager + compiled, 8B eager
 set -uo pipefail
@@ -160,6 +162,10 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s9a)
+    timeout 200 python3 bench/rank_reduce.py --splits 1,4,8,16 --out $R/rank_reduce_h200 2>&1 | tee -a "$LOG"
+    timeout 60 python3 bench/small_gemm.py --out $R/small_gemm_h200 2>&1 | tee -a "$LOG"
     ;;
   s5b)
     timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \

@@ -116,3 +116,10 @@ def test_small_gemm_sites_are_the_stacked_projections():
     h, kv, m = 2048, 512, 8192
     assert small_gemm.sites("1b", 16) == [("q|k|v", 8192, h + 2 * kv, h, 48), ("o", 8192, h, h, 16),
                                           ("gate|up", 8192, 2 * m, h, 32), ("down", 8192, h, m, 16)]
+
+
+def test_rank_reduce_sites_cover_every_reduction_of_a_layer():
+    from bench import rank_reduce
+    names = [s[0] for s in rank_reduce.sites("1b", 16)]
+    assert len(names) == 8 and sum(n.startswith("dA") for n in names) == 4
+    assert ("dB gate (dY)", 8192, 8192, 16) in rank_reduce.sites("1b", 16)
