@@ -67,16 +67,7 @@ def time_cases(fns: dict, rounds: int, calls: int) -> dict:
     for f in fns.values():
         for _ in range(3):
             f()
-    ts = {n: [] for n in fns}
-    for i in range(rounds):
-        for n, f in (fns.items() if i % 2 == 0 else reversed(fns.items())):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(calls):
-                f()
-            b.record()
-            b.synchronize()
-            ts[n].append(a.elapsed_time(b) / calls)
+    ts = common.interleaved({n: common.cuda_timer(f, calls) for n, f in fns.items()}, rounds)
     return {n: common.median(v) for n, v in ts.items()}
 
 

@@ -84,6 +84,29 @@ def time_steps(step: Callable[[], object], device: str, warmup: int, iters: int,
     return times
 
 
+def interleaved(measure: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """{name: [one value per round]}: every round takes each measurement once, in turn, the order
+    reversed every other round (so no variant always runs first or after the same one)."""
+    ts: dict[str, list[float]] = {n: [] for n in measure}
+    for i in range(rounds):
+        for n, m in (measure.items() if i % 2 == 0 else reversed(measure.items())):
+            ts[n].append(m())
+    return ts
+
+
+def cuda_timer(fn: Callable[[], object], calls: int) -> Callable[[], float]:
+    """A measurement for ``interleaved``: ms per call of ``calls`` back-to-back calls of fn, CUDA events."""
+    def measure() -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / calls
+    return measure
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -76,12 +76,14 @@ def time_interleaved(steps: dict, device: str, reps: int) -> dict:
     for f in steps.values():
         for _ in range(3):
             f()
-    ts = {n: [] for n in steps}
-    for i in range(reps):
-        for n, f in (steps.items() if i % 2 == 0 else reversed(steps.items())):
+    def timed(f):
+        def measure():
             t0 = start()
             f()
-            ts[n].append(stop(t0))
+            return stop(t0)
+        return measure
+
+    ts = common.interleaved({n: timed(f) for n, f in steps.items()}, reps)
     return {n: (common.median(v), min(v)) for n, v in ts.items()}
 
 

@@ -145,16 +145,8 @@ def time_graphs(fns: dict, rounds: int, calls: int) -> dict:
             for _ in range(calls):
                 f()
         graphs[name] = g
-    ts = {n: [] for n in fns}
-    for i in range(rounds):
-        for n, g in (graphs.items() if i % 2 == 0 else reversed(graphs.items())):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            ts[n].append(a.elapsed_time(b) / calls)
-    return {n: common.median(v) for n, v in ts.items()}
+    ts = common.interleaved({n: common.cuda_timer(g.replay, 1) for n, g in graphs.items()}, rounds)
+    return {n: common.median(v) / calls for n, v in ts.items()}
 
 
 def main(argv=None) -> int:

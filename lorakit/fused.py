@@ -44,8 +44,6 @@ and never h.
 from __future__ import annotations
 
 import ast
-import inspect
-import textwrap
 from typing import Optional
 
 import torch
@@ -53,7 +51,8 @@ from torch import Tensor, nn
 
 from . import kernels, ops
 from .ops import _cast
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLinear
+from .nodes import function_tree, hooked, model_modules, node_adapter, node_member
 
 _FORWARD_OK: dict[type, bool] = {}
 _FUSED_CLASSES: dict[type, type] = {}
@@ -209,10 +208,6 @@ def lora_gated_mlp(x: Tensor, gate: LoraLinear, up: LoraLinear, down: LoraLinear
 
 
 # ---------------------------------------------------------------------------- when it applies
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def fused_is_cheaper(n: int, i: int, h: int) -> bool:
     """Whether the fused node moves fewer bytes than three LoRA linears in their best form.
 
@@ -227,52 +222,11 @@ def fused_is_cheaper(n: int, i: int, h: int) -> bool:
     return n * (11 * i + 6 * h) > 12 * i * h
 
 
-def _global_hooks() -> bool:
-    mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-                or mod._global_backward_pre_hooks)
-
-
 def is_silu(act: nn.Module) -> bool:
     """torch's nn.SiLU or transformers' SiLUActivation (``nn.functional.silu``)."""
     cls = type(act)
     return isinstance(act, nn.SiLU) or (cls.__name__ == "SiLUActivation"
                                          and cls.__module__ == "transformers.activations")
-
-
-def node_adapter(st, x: Tensor) -> Optional[str]:
-    """The adapter a fused node (this MLP node, lorakit.grouped's q/k/v node) would run for x
-    given the model-wide state ``st``, or None: adapters on, one active, no per-row batch, no
-    global module hooks, no autocast to a dtype other than x's (autocast in x's own dtype casts
-    only A and B, as the nodes do), and under torch.compile the operators registered."""
-    name = st.active
-    if st.disabled or st.rows is not None or name is None or _global_hooks():
-        return None
-    cast_to = ops.autocast_dtype(x)
-    if cast_to is not None and cast_to != x.dtype:
-        return None
-    if torch.compiler.is_compiling():
-        from . import compiled
-        if not compiled.AVAILABLE:
-            return None
-    return name
-
-
-def node_member(m: LoraLinear, st, name: str, x: Tensor) -> Optional[tuple]:
-    """(W0, bias or None, adapter) of LoRA linear ``m`` if it can join a fused node running
-    adapter ``name`` on x, else None: the model's state ``st``, the adapter present and unmerged,
-    an ``nn.Linear`` base whose weight (and bias) are frozen and in x's dtype, no hooks on the
-    layer or its base, no dropout while training."""
-    base = m._modules["base"]
-    a = m._modules["adapters"]._modules.get(name)
-    if (a is None or m.state is not st or m.fan_in_fan_out or m.merged_name is not None
-            or type(base) is not nn.Linear or _hooked(m) or _hooked(base) or (a.dropout > 0 and m.training)):
-        return None
-    bp = base._parameters
-    w, b = bp["weight"], bp.get("bias")
-    if w.requires_grad or w.dtype != x.dtype or (b is not None and b.requires_grad):
-        return None
-    return w, b, a
 
 
 def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
@@ -289,7 +243,7 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
         return None
     st = g.state
     name = node_adapter(st, x)
-    if name is None or _hooked(mlp) or _hooked(act):
+    if name is None or hooked(mlp) or hooked(act):
         return None
     weights, trainable = [], x.requires_grad
     for m in (g, u, d):
@@ -315,16 +269,6 @@ def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- attach / detach
-def function_tree(fn) -> Optional[ast.FunctionDef]:
-    """The ``ast`` of function ``fn`` (a method such as a module class's ``forward``), or None
-    when its source cannot be read or is not a plain ``def``."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return None
-    return tree if isinstance(tree, ast.FunctionDef) else None
-
-
 def is_gated_mlp_forward(fn) -> bool:
     """Whether ``fn``'s source is exactly ``return self.down_proj(self.act_fn(self.gate_proj(x))
     * self.up_proj(x))`` (a docstring, or one named intermediate before the return, allowed)."""
@@ -378,22 +322,11 @@ def _is_ours(m: nn.Module) -> bool:
     return "_lorakit_base" in type(m).__dict__
 
 
-def _modules(model: nn.Module):
-    """Every module of ``model`` except the insides of LoRA layers (their adapters: thousands
-    of modules once many adapters are loaded, none of them an MLP)."""
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        yield m
-        if not isinstance(m, LoraLayer):
-            stack.extend(c for c in m._modules.values() if c is not None)
-
-
 def attach(model: nn.Module) -> int:
     """Route every gated MLP of ``model`` whose three projections are LoRA layers through the
     fused node (when it applies, per call). Idempotent; returns how many MLPs are routed."""
     n = 0
-    for m in _modules(model):
+    for m in model_modules(model):
         if _is_ours(m):
             n += 1
         elif ("forward" not in m.__dict__ and all(type(getattr(m, p, None)) is LoraLinear
@@ -407,7 +340,7 @@ def attach(model: nn.Module) -> int:
 def detach(model: nn.Module) -> int:
     """Undo ``attach``: every MLP runs its class's forward again. Returns how many were routed."""
     n = 0
-    for m in _modules(model):
+    for m in model_modules(model):
         if _is_ours(m):
             m.__class__ = type(m)._lorakit_base
             n += 1
@@ -416,4 +349,4 @@ def detach(model: nn.Module) -> int:
 
 def attached(model: nn.Module) -> int:
     """How many MLPs of ``model`` are routed through the fused node."""
-    return sum(_is_ours(m) for m in _modules(model))
+    return sum(_is_ours(m) for m in model_modules(model))

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .fused import _modules, function_tree, node_adapter, node_member
+from .nodes import function_tree, model_modules, node_adapter, node_member
 from .layers import LoraLinear
 
 # Member names of a group, the leader first: the parent's forward must call them in this order
@@ -325,7 +325,7 @@ def _ancestors(node, parent: dict, top):
 
 
 def _groups(model: nn.Module):
-    for parent in _modules(model):
+    for parent in model_modules(model):
         mods = parent._modules
         for names in NAMES:
             present = tuple(n for n in names if type(mods.get(n)) is LoraLinear)
@@ -348,7 +348,7 @@ def attach(model: nn.Module) -> int:
                 m.__dict__["_group"] = g
         linked.update(id(m) for m in members)
         n += 1
-    for m in _modules(model):
+    for m in model_modules(model):
         if type(m) is LoraLinear and id(m) not in linked:
             m.__dict__.pop("_group", None)
     return n
@@ -357,7 +357,7 @@ def attach(model: nn.Module) -> int:
 def detach(model: nn.Module) -> int:
     """Unlink every group: each member runs its own node again. How many groups were linked."""
     n = attached(model)
-    for m in _modules(model):
+    for m in model_modules(model):
         if type(m) is LoraLinear:
             m.__dict__.pop("_group", None)
     return n
