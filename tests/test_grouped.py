@@ -76,10 +76,13 @@ def test_activation_checkpointing_recomputes_the_same_node(monkeypatch, reentran
     assert_close(got, loss_and_grads(ref), 1e-5)
 
 
-def test_grouped_equals_separate_for_other_scales_and_ranks(monkeypatch):
+@pytest.mark.parametrize("alphas", [{"v_proj": 3}, {"k_proj": 4}])
+def test_grouped_equals_separate_for_other_scales_and_ranks(monkeypatch, alphas):
+    """Unequal scales (gs from dY blockdiag(s_i B_i)), and unequal ranks with equal scales (gs
+    from the dX GEMM's block-diagonal band, whose blocks are then of different widths)."""
     model = tiny_llama().train()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=ALL7, rank_pattern={"k_proj": 2},
-                                             alpha_pattern={"v_proj": 3}))
+                                             alpha_pattern=alphas))
     randomize_adapters(model, std=0.2)
     assert_grouped_like_separate(model, monkeypatch)
 
