@@ -53,12 +53,20 @@ AVAILABLE = hasattr(torch.library, "register_fake")      # torch >= 2.4; before,
 # register_autograd took 49 us. A compiled training step of a 1B model makes 160 of these
 # calls, and at that step time the host is what runs short.
 def _code_tag() -> str:
-    """'v' + 12 hex digits of the SHA-256 of the modules whose code the operators run."""
+    """'v' + 12 hex digits of the SHA-256 of the modules whose code the operators run (of the
+    package's version where the sources cannot be read, as in a zipped bundle)."""
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
-    for rel in ("compiled.py", "ops.py", "fused.py", "grouped.py", "kernels/merge.py", "kernels/swiglu.py"):
-        with open(os.path.join(here, rel), "rb") as f:
-            h.update(f.read())
+    try:
+        for rel in ("compiled.py", "ops.py", "fused.py", "grouped.py", "kernels/merge.py", "kernels/swiglu.py"):
+            with open(os.path.join(here, rel), "rb") as f:
+                h.update(f.read())
+    except OSError:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            h.update(version("lorakit").encode())
+        except PackageNotFoundError:
+            h.update(b"unknown")
     return "v" + h.hexdigest()[:12]
 
 

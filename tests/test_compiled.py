@@ -233,6 +233,18 @@ def test_compiled_graph_names_the_operators_code_version():
     assert f"lorakit.gated_mlp.{compiled.OVERLOAD}" in codes[0]
 
 
+def test_operator_tag_without_readable_sources(monkeypatch):
+    """A bundle whose sources cannot be read (zipped) still gets a tag: the package version's."""
+    import builtins
+
+    def no_files(*args, **kwargs):
+        raise OSError("no sources here")
+
+    monkeypatch.setattr(builtins, "open", no_files)
+    tag = compiled._code_tag()
+    assert tag.startswith("v") and len(tag) == 13 and tag != compiled.OVERLOAD
+
+
 def test_fused_under_compile_respects_fusable():
     """Short inputs (fused_is_cheaper says no) trace the three LoRA linears, as eager does."""
     model = lora_llama(layers=1)
