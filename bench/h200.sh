@@ -28,7 +28,7 @@
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
 #   bash bench/h200.sh s9a         # next: the rank-r reductions, cuBLAS vs Triton in GPU time (CUDA graphs); the
-#                                   # rank-r GEMMs alone
+#                                   # rank-r GEMMs alone; 8B with q/k/v grouped at the tie or not
 #   bash bench/h200.sh s8d         # q/k/v backward with dY [W' | blockdiag(B)], stacked dA outputs: GPU tests,
 #                                   # 1B eager + compiled, 8B eager
 set -uo pipefail
@@ -166,6 +166,8 @@ case "${1:-}" in
   s9a)
     timeout 200 python3 bench/rank_reduce.py --splits 1,4,8,16 --out $R/rank_reduce_h200 2>&1 | tee -a "$LOG"
     timeout 60 python3 bench/small_gemm.py --out $R/small_gemm_h200 2>&1 | tee -a "$LOG"
+    timeout 150 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,lorakit+ungrouped}" --out $R/train_step_8b_h200_s9a 2>&1 | tee -a "$LOG"
     ;;
   s5b)
     timeout 420 python3 bench/longest_seq.py --device cuda --size 1b --batch 8 \

@@ -96,7 +96,7 @@ def linear_delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fast path
-def merged_is_cheaper(n: int, d: int, k: int, training: bool) -> bool:
+def merged_is_cheaper(n: int, d: int, k: int, training: bool, ties: bool = False) -> bool:
     """Whether to run the low-rank term through W' = W0 + s B A rather than beside W0.
 
     Per call, beyond what both forms share (the GEMM with the (d, k) weight):
@@ -111,9 +111,10 @@ def merged_is_cheaper(n: int, d: int, k: int, training: bool) -> bool:
     the same rule: merged when N (d + k) > 2 d k in training, N (k + 2d) > 2 d k without
     backward (there the unmerged form also reads x once more for xa, which the merged form
     skips). Training at 8k tokens per step and long prefills pick merged; decoding picks unmerged.
+    ``ties``: also True where both forms move the same bytes.
     """
     if training:
-        return n * (d + k) > 2 * d * k
+        return n * (d + k) > 2 * d * k or (ties and n * (d + k) == 2 * d * k)
     return n * (k + 2 * d) > 2 * d * k
 
 

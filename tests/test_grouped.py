@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import grouped
+from lorakit import grouped, ops
 from conftest import TOKENS64, CountCalls, assert_close, loss_and_grads, randomize_adapters, rel_errors, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +135,19 @@ def test_frozen_adapters_and_no_input_gradient(monkeypatch):
             p.requires_grad_(False)
     got = assert_grouped_like_separate(model, monkeypatch)
     assert all("lora_A" not in n for n in got[1])
+
+
+def test_forms_where_the_merged_form_ties(monkeypatch):
+    """q at 32 tokens of hidden 32 (n (d + k) = 2 d k, as q at the 8B shape and 4096 tokens): both
+    forms move the same bytes, and the node saves more, so it forms; at 30 tokens q takes the
+    unmerged form on its own and every member runs its own node."""
+    count = Count(monkeypatch)
+    model = lora_llama()
+    loss_and_grads(model, IDS[:2])                      # 2 x 16 tokens
+    assert count.n == 2
+    loss_and_grads(model, IDS[:2, :15].reshape(1, 30))   # 30 tokens
+    assert count.n == 2
+    assert not ops.merged_is_cheaper(32, 32, 32, True) and ops.merged_is_cheaper(32, 32, 32, True, ties=True)
 
 
 def test_not_formed_where_it_does_not_apply(monkeypatch):
