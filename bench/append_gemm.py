@@ -74,12 +74,7 @@ def time_cases(fns: dict, rounds: int, calls: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--sizes", default="1b,8b")
-    p.add_argument("--r", default="16,64")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = common.gemm_args(p, r_default="16,64").parse_args(argv)
     rows = []
     for size in args.sizes.split(","):
         tokens = 8192 if size == "1b" else 4096
@@ -96,14 +91,9 @@ def main(argv=None) -> int:
             ("k", "k", ""), ("r", "appended", ""), ("base_ms", "base ms", "{:.4f}"),
             ("separate_ms", "separate ms", "{:.4f}"), ("appended_ms", "appended ms", "{:.4f}"),
             ("ratio", "appended / separate", "{:.3f}"), ("saved_us", "saved us", "{:.1f}")]
-    table = common.markdown_table(rows, cols)
-    print("\n" + table)
-    if args.out:
-        meta = common.env_info(args.device)
-        meta.update(title="LoRA factors appended to the base GEMM vs separate GEMMs",
-                    setup=f"bfloat16; median over {args.rounds} interleaved rounds of {args.calls} back-to-back "
-                          "calls (CUDA events); 1B at 8192 tokens, 8B at 4096")
-        common.write_results(args.out, meta, rows, table)
+    common.report(rows, cols, args.out, args.device, "LoRA factors appended to the base GEMM vs separate GEMMs",
+                  f"bfloat16; median over {args.rounds} interleaved rounds of {args.calls} back-to-back "
+                  "calls (CUDA events); 1B at 8192 tokens, 8B at 4096")
     return 0
 
 

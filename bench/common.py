@@ -194,6 +194,27 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def gemm_args(p, r_default="16"):
+    """The options the GEMM-level H200 benchmarks share (append_gemm, small_gemm, rank_reduce)."""
+    p.add_argument("--sizes", default="1b,8b")
+    p.add_argument("--r", default=r_default, help="LoRA rank(s) per projection, comma-separated")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--out", default=None)
+    return p
+
+
+def report(rows: list[dict], columns: list[tuple[str, str, str]], out: Optional[str], device: str,
+           title: str, setup: str) -> None:
+    """Print the markdown table of ``rows``; with ``out``, write it and the rows (``write_results``)."""
+    table = markdown_table(rows, columns)
+    print("\n" + table)
+    if out:
+        meta = env_info(device)
+        meta.update(title=title, setup=setup)
+        write_results(out, meta, rows, table)
+
+
 def write_results(stem: str, meta: dict, rows: list[dict], table: str, notes: str = "") -> None:
     """``stem``.json (meta + rows) and ``stem``.md (a header with GPU/versions/date + the table)."""
     _atomic_write(stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -151,13 +151,9 @@ def time_graphs(fns: dict, rounds: int, calls: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1b,8b")
-    p.add_argument("--r", type=int, default=16)
     p.add_argument("--splits", default="1,4,8,16")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = common.gemm_args(p).parse_args(argv)
+    args.r = int(args.r)
     rows = []
     for size in args.sizes.split(","):
         for name, N, M, R in sites(size, args.r):
@@ -189,16 +185,12 @@ def main(argv=None) -> int:
             ("cublas_us", "cuBLAS us", "{:.1f}"), ("cublas_tb_s", "TB/s", "{:.2f}"), ("best", "best Triton", ""),
             ("best_us", "us", "{:.1f}"), ("best_tb_s", "TB/s", "{:.2f}"), ("speedup", "cuBLAS / Triton", "{:.2f}"),
             ("max_rel_err", "max rel err", "{:.1e}")]
-    table = common.markdown_table(rows, cols)
-    print("\n" + table)
-    if args.out:
-        meta = common.env_info("cuda")
-        meta.update(title="LoRA's rank-r reductions over the tokens: cuBLAS vs a split-N Triton kernel",
-                    setup=f"bfloat16 P (N, M), Q (N, R), r={args.r} per projection; out = 2 P^T Q; median over "
-                          f"{args.rounds} interleaved rounds of {args.calls} back-to-back calls replayed from a CUDA "
-                          "graph (GPU time, no launch cost); "
-                          "TB/s counts P's bytes; errors against float64, relative to the largest entry")
-        common.write_results(args.out, meta, rows, table)
+    common.report(rows, cols, args.out, "cuda",
+                  "LoRA's rank-r reductions over the tokens: cuBLAS vs a split-N Triton kernel",
+                  f"bfloat16 P (N, M), Q (N, R), r={args.r} per projection; out = 2 P^T Q; median over "
+                  f"{args.rounds} interleaved rounds of {args.calls} back-to-back calls replayed from a CUDA "
+                  "graph (GPU time, no launch cost); "
+                  "TB/s counts P's bytes; errors against float64, relative to the largest entry")
     return 0
 
 

@@ -37,12 +37,8 @@ def sites(size: str, r: int) -> list[tuple[str, int, int, int, int]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1b,8b")
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = common.gemm_args(p).parse_args(argv)
+    args.r = int(args.r)
     rows = []
     for size in args.sizes.split(","):
         for name, N, d, k, R in sites(size, args.r):
@@ -63,15 +59,10 @@ def main(argv=None) -> int:
                 print(f"{size} {name:8} {c:14} {t[c] * 1e3:8.1f} us  {gb / t[c]:5.2f} TB/s", flush=True)
     cols = [("size", "size", ""), ("site", "site", ""), ("N", "N", ""), ("d", "d", ""), ("k", "k", ""),
             ("r", "r", ""), ("op", "op", ""), ("us", "us", "{:.1f}"), ("tb_s", "TB/s", "{:.2f}")]
-    table = common.markdown_table(rows, cols)
-    print("\n" + table)
-    if args.out:
-        meta = common.env_info("cuda")
-        meta.update(title="The rank-r GEMMs of a LoRA training step, alone",
-                    setup=f"bfloat16, r={args.r} per projection; median over {args.rounds} interleaved rounds of "
-                          f"{args.calls} back-to-back calls (CUDA events); TB/s counts the large operand's bytes "
-                          "(twice for a copy)")
-        common.write_results(args.out, meta, rows, table)
+    common.report(rows, cols, args.out, "cuda", "The rank-r GEMMs of a LoRA training step, alone",
+                  f"bfloat16, r={args.r} per projection; median over {args.rounds} interleaved rounds of "
+                  f"{args.calls} back-to-back calls (CUDA events); TB/s counts the large operand's bytes "
+                  "(twice for a copy)")
     return 0
 
 

@@ -123,3 +123,14 @@ def test_rank_reduce_sites_cover_every_reduction_of_a_layer():
     names = [s[0] for s in rank_reduce.sites("1b", 16)]
     assert len(names) == 8 and sum(n.startswith("dA") for n in names) == 4
     assert ("dB gate (dY)", 8192, 8192, 16) in rank_reduce.sites("1b", 16)
+
+
+def test_append_gemm_main_writes_its_table(tmp_path, monkeypatch):
+    """bench/append_gemm.py end to end on the CPU, its CUDA timer replaced by call counting."""
+    from bench import append_gemm
+    monkeypatch.setattr(append_gemm, "time_cases", lambda fns, rounds, calls: {n: 1.0 + len(n) for n in fns})
+    assert append_gemm.main(["--device", "cpu", "--sizes", "smol", "--r", "4", "--out", str(tmp_path / "a")]) == 0
+    import json
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert len(rows) == 8 and {r["site"] for r in rows} >= {"o fwd", "down bwd"}
+    assert "appended / separate" in (tmp_path / "a.md").read_text()
