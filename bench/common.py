@@ -107,6 +107,24 @@ def cuda_timer(fn: Callable[[], object], calls: int) -> Callable[[], float]:
     return measure
 
 
+def cuda_graph(fn: Callable[[], object], calls: int) -> "torch.cuda.CUDAGraph":
+    """``calls`` back-to-back calls of fn captured in one CUDA graph (after 3 warm-up calls on the
+    capturing stream, whose kernel buffers the capture then uses), replayed once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -44,26 +44,8 @@ from lorakit import kernels, ops  # noqa: E402
 
 def gpu_us(fn, reps: int, per_graph: int = 20) -> float:
     """Median GPU microseconds per call of ``fn`` (captured in a CUDA graph, replayed)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):          # captured on the stream that warmed up (its kernel buffers)
-        for _ in range(per_graph):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / per_graph)
+    g = common.cuda_graph(fn, per_graph)
+    ts = [common.cuda_timer(g.replay, 1)() * 1e3 / per_graph for _ in range(reps)]
     return common.median(ts)
 
 

@@ -132,19 +132,7 @@ def sites(size: str, r: int) -> list[tuple[str, int, int, int]]:
 def time_graphs(fns: dict, rounds: int, calls: int) -> dict:
     """{variant: median GPU ms per call}: ``calls`` back-to-back calls captured in one CUDA graph
     per variant, replays timed with CUDA events, rounds interleaved."""
-    graphs = {}
-    side = torch.cuda.Stream()
-    for name, f in fns.items():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                f()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                f()
-        graphs[name] = g
+    graphs = {name: common.cuda_graph(f, calls) for name, f in fns.items()}
     ts = common.interleaved({n: common.cuda_timer(g.replay, 1) for n, g in graphs.items()}, rounds)
     return {n: common.median(v) / calls for n, v in ts.items()}
 

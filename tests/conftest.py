@@ -106,6 +106,14 @@ def rel_errors(got, want):
     return errs
 
 
+def assert_no_less_accurate(got, plain, want):
+    """Each relative error of ``got`` (loss and gradients) against ``want`` is at most 1.5x that
+    of ``plain`` (the separate layers at the same dtype), or 1e-2."""
+    e_got, e_plain = rel_errors(got, want), rel_errors(plain, want)
+    for n in e_plain:
+        assert e_got[n] <= max(1.5 * e_plain[n], 1e-2), (n, e_got[n], e_plain[n])
+
+
 def run(model, x=IDS):
     """The model's output tensor (logits or last hidden state) without autograd."""
     with torch.no_grad():
