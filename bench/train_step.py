@@ -17,6 +17,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     lorakit-unfused  lorakit with the gated MLPs unfused (lorakit.fused.detach): three LoRA linears each
     lorakit+fused-loss   lorakit with lorakit.loss.linear_cross_entropy (logits never materialised)
     X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
+    X+merged-mlp     lorakit X with the fused MLP's four GEMM sites all in the merged form
+                     (lorakit.fused.mlp_forms overridden during its steps only)
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
                      ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
@@ -65,7 +67,10 @@ def parse_variant(spec: str) -> dict:
     fused = "+fused-loss" in name
     foreach = "+foreach" in name
     ungrouped = "+ungrouped" in name
-    base = name.replace("+compile", "").replace("+fused-loss", "").replace("+foreach", "").replace("+ungrouped", "")
+    merged_mlp = "+merged-mlp" in name
+    base = name
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp"):
+        base = base.replace(mod, "")
     r = 16
     if "@r" in base:
         base, rs = base.split("@r")
@@ -74,6 +79,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
+                merged_mlp=merged_mlp,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -137,8 +143,17 @@ def make_step(v: dict, model, opt, ids, labels):
         return loss_fn(backbone(input_ids=ids).last_hidden_state, head_w, labels)
 
     host = []                                       # per step: host seconds of forward, backward, optimizer
+    from lorakit import fused
+    forms = (lambda *a, **k: (True,) * 4) if v.get("merged_mlp") else fused.mlp_forms
 
     def step():
+        chosen, fused.mlp_forms = fused.mlp_forms, forms
+        try:
+            return _step()
+        finally:
+            fused.mlp_forms = chosen
+
+    def _step():
         t0 = time.perf_counter()
         with record_function("phase:forward"):       # (three ranges per step: bench/timeline.py reads them)
             loss = forward_loss()

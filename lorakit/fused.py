@@ -100,57 +100,119 @@ def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, 
     return ops.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
 
 
+# A GEMM that adds into its output (``Tensor.addmm_``: cuBLAS with beta = 1) reads that output
+# in its epilogue. The fraction of a separate pass over it that this read costs, for the forms'
+# byte counts below: at the MLP's shapes the GEMM is compute-bound and the read overlaps its main
+# loop (measured by bench/mlp_forms.py).
+EPILOGUE_READ = 0.5
+
+
+def mlp_forms(n: int, i: int, h: int, c: float = EPILOGUE_READ) -> tuple[bool, bool, bool, bool]:
+    """Which of the node's four GEMM sites take the merged form, for N tokens, I, H:
+    (gate|up forward, down forward, down backward, gate|up backward); False: added beside W0.
+
+    Each site's big GEMM runs either with W' = W0 + s B A (built by a pass that reads W0 and
+    writes W': 2 d k elements moved beyond the GEMM's own) and the factors appended to it
+    (``ops.stacked_merged_weight``: the rank-r product then costs nothing), or with W0 itself,
+    accumulating onto s (rank-r product) B^T written first into its output: one write and, in
+    the GEMM's epilogue, one read of the (N, d) output (``c`` of a pass), plus the rank-r GEMM's
+    read of its input, which no longer rides in the big GEMM. Per site, in elements:
+
+        gate|up forward    merged 4 I H    beside N (2 I (1 + c) + H)
+        down forward       merged 2 H I    beside N (H (1 + c) + I)
+        down backward      merged 2 H I    beside N (I (1 + c) + H)
+        gate|up backward   merged 4 I H    beside N H (2 + 2 c)    (dX sums two GEMMs: K = I each)
+
+    At the 1B shape and 8192 tokens only gate|up backward goes beside W0; at the 8B shape
+    (4096 tokens) all four do, with c = 0.5.
+    """
+    return (4 * i * h <= n * (2 * i * (1 + c) + h), 2 * h * i <= n * (h * (1 + c) + i),
+            2 * h * i <= n * (i * (1 + c) + h), 4 * i * h <= n * h * (2 + 2 * c))
+
+
+def _beside(out: Tensor, xa: Tensor, B: Tensor, scale: float, x: Tensor, W: Tensor) -> Tensor:
+    """out = s xa B^T + x W (written into ``out``, which may be a column slice): the rank-r GEMM
+    writes out, then the big GEMM adds onto it (beta = 1: read in its epilogue). ``W`` as the
+    GEMM reads it (W0^T forward, W0 backward). Returns out."""
+    torch.addmm(out, xa, B.t(), beta=0, alpha=scale, out=out)             # beta = 0: out's contents ignored
+    return out.addmm_(x, W)
+
+
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
-                need_xas: bool, need_has: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                need_xas: bool, need_has: bool, forms: Optional[tuple[bool, ...]] = None
+                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(y (N, H), gu, has) for x2 (N, H); adapter weights already in x's dtype.
 
     gu = [g | u | xas] (N, 2I + rg + ru): xas = x [Ag; Au]^T, for the dB's, when ``need_xas``
-    (else (N, 2I)); has = h Ad^T (N, rd) when ``need_has``. Both ride in the GEMMs that need
-    their input anyway: the A's are appended as rows to the merged weights (x and h are read
-    once each), and their scales ride on the dB GEMMs' alpha. y is then a column slice of
-    [y | h Ad^T] (row stride H + rd); has is copied out of it, so that keeping has for
-    backward does not keep that buffer.
+    (else (N, 2I)); has = h Ad^T (N, rd) when ``need_has``. In the merged forms both ride in the
+    GEMMs that need their input anyway: the A's are appended as rows to the merged weights (x
+    and h are read once each), and their scales ride on the dB GEMMs' alpha. With ``need_has``
+    y is a column slice of an (N, H + rd) buffer (row stride H + rd) in either form ([y | h Ad^T]
+    merged); has is a copy, so that keeping it does not keep that buffer. ``forms``: as
+    ``mlp_forms`` returns (default: its choice for these shapes).
     """
     i, hid = wg.shape
-    gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
+    n = x2.shape[0]
+    f = forms if forms is not None else mlp_forms(n, i, hid)
+    if f[0]:
+        gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
+    else:
+        rg = agc.shape[0]
+        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas else 0)))
+        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
+        _beside(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
+        _beside(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
     h = _swiglu_forward(gu[:, :2 * i])                                      # (N, I)
-    if not need_has:
-        return torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
-    yh = torch.mm(h, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_a=True).t())  # [y | h Ad^T]
-    return yh[:, :hid], gu, yh[:, hid:].clone()
+    if f[1]:
+        if not need_has:
+            return torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
+        yh = torch.mm(h, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_a=True).t())  # [y | h Ad^T]
+        return yh[:, :hid], gu, yh[:, hid:].clone()
+    has = torch.mm(h, adc.t())                                              # h Ad^T (N, rd)
+    y = x2.new_empty((n, hid + adc.shape[0]))[:, :hid] if need_has else x2.new_empty((n, hid))
+    return _beside(y, has, bdc, sd, h, wd.t()), gu, has if need_has else None
 
 
 def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Tensor],
                  wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
-                 need: tuple[bool, ...]) -> tuple[Optional[Tensor], ...]:
+                 need: tuple[bool, ...], forms: Optional[tuple[bool, ...]] = None) -> tuple[Optional[Tensor], ...]:
     """(dx, dAgu, dBg, dBu, dAd, dBd) of ``mlp_forward`` for dY (N, H), in x's dtype, where
     dAgu = [dAg; dAu] (rg + ru, H) stacked; ``need`` flags dx, dAg, dBg, dAu, dBu, dAd, dBd.
-    gu and has as ``mlp_forward`` returned them.
+    gu and has as ``mlp_forward`` returned them; ``forms`` as there.
 
     The scales ride on GEMM ``alpha``: ``addmm(c, a, b, beta=0, alpha=s)`` computes s a b and
     ignores c (any tensor that broadcasts to the result: here the adapter weight of the result's
     shape, or a row of W0)."""
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
-    rg = agc.shape[0]
+    n, rg = dy2.shape[0], agc.shape[0]
+    f = forms if forms is not None else mlp_forms(n, i, hid)
     xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
     gu = gu[:, :2 * i]
-    if need_ad:                                                             # [dY W'd | dY Bd]: one read of dY
+    if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
-    else:
+    elif f[2]:
         dh, gd = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
+    else:                                                                   # sd (dY Bd) Ad + dY Wd
+        gd = torch.mm(dy2, bdc)
+        dh = _beside(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
     dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
     del dh, gd
-    dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su)) if need_x else None   # (N, H)
-    dA = dBg = dBu = None
-    if need_ag or need_au:
+    dx = dA = dBg = dBu = None
+    if need_x and f[3]:
+        dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su))    # (N, H)
+    if need_ag or need_au or (need_x and not f[3]):
         same = sg == su
         bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
         gs = torch.mm(dgu, bd)                                              # [dg Bg | du Bu] (N, rg + ru) (times s)
-        dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
+        if need_ag or need_au:
+            dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
+        if need_x and not f[3]:                                             # s gs [Ag; Au] + dg Wg + du Wu
+            dx = _beside(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
+                         dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
     if need_bg or need_bu:                                                  # contiguous (I, r) results
         dBg = torch.addmm(bgc, dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=sg)   # sg dg^T (x Ag^T)
         dBu = torch.addmm(buc, dgu[:, i:].t(), xas[:, rg:], beta=0, alpha=su)   # su du^T (x Au^T)

@@ -134,3 +134,28 @@ def test_append_gemm_main_writes_its_table(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
     assert len(rows) == 8 and {r["site"] for r in rows} >= {"o fwd", "down bwd"}
     assert "appended / separate" in (tmp_path / "a.md").read_text()
+
+
+
+def test_mlp_forms_main_runs_every_form_end_to_end(tmp_path, monkeypatch):
+    """bench/mlp_forms.py on the CPU (smol widths, float32), its CUDA timer replaced by one call
+    per round; every forced form gives the merged form's outputs and gradients."""
+    from bench import common, mlp_forms
+    from lorakit import fused
+    monkeypatch.setattr(common, "cuda_timer", lambda fn, calls: lambda: (fn(), 1.0)[1])
+    assert mlp_forms.main(["--device", "cpu", "--dtype", "float32", "--sizes", "smol", "--rounds", "2",
+                           "--out", str(tmp_path / "m")]) == 0
+    import json
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert len(rows) == 8 and sum(r["chosen"] for r in rows) == 2
+    assert len(json.loads((tmp_path / "m_epilogue.json").read_text())["rows"]) == 4
+    t = mlp_forms.tensors("smol", 4, "cpu", torch.float32)
+    ref = None
+    for f in mlp_forms.FWD.values():
+        for b in mlp_forms.BWD.values():
+            fwd, bwd = mlp_forms.node_fns(t, f, b)
+            out = [fwd()[0]] + [g for g in bwd() if g is not None]
+            ref = ref or out
+            for a, w in zip(out, ref):
+                assert (a - w).abs().max() <= 1e-4 * w.abs().max()
+    assert fused.mlp_forms(512, 1536, 576) == (False, False, False, False)

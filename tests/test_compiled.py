@@ -73,7 +73,10 @@ def test_opcheck_lora_linear(merged):
     torch.library.opcheck(compiled.op("lora_linear"), (x, w, None, A, B, 1.5, merged))
 
 
-def test_opcheck_gated_mlp():
+@pytest.mark.parametrize("forms", [(True,) * 4, (False,) * 4])
+def test_opcheck_gated_mlp(monkeypatch, forms):
+    """Either form of each GEMM site (fused.mlp_forms) gives the fake kernel's layouts."""
+    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: forms)
     g = torch.Generator().manual_seed(0)
     h, i, r = 8, 12, 2
 

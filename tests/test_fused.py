@@ -35,6 +35,18 @@ def Count(monkeypatch):
     return CountCalls(monkeypatch, fused._GatedMlpFn)
 
 
+# The node's four GEMM sites (gate|up forward, down forward, down backward, gate|up backward),
+# each merged (True) or beside W0 (False); tests that take the ``forms`` fixture run under each.
+FORMS = {"merged": (True,) * 4, "beside": (False,) * 4, "mixed": (True, False, True, False),
+         "mixed2": (False, True, False, True)}
+
+
+@pytest.fixture(params=list(FORMS))
+def forms(request, monkeypatch):
+    monkeypatch.setattr(fused, "mlp_forms", lambda n, i, h, c=fused.EPILOGUE_READ: FORMS[request.param])
+    return FORMS[request.param]
+
+
 def fused_vs_unfused(model, ids=IDS):
     got = loss_and_grads(model, ids)
     fused.detach(model)
@@ -92,7 +104,7 @@ def test_attach_needs_all_three_projections_and_unload_detaches():
 # ---------------------------------------------------------------------------- same function
 @pytest.mark.parametrize("cfg", [{}, {"rank_pattern": {"down_proj": 6, "up_proj": 2}, "alpha_pattern": {"gate_proj": 3}},
                                  {"adapter_dtype": "float32"}])
-def test_fused_matches_unfused_float32(monkeypatch, cfg):
+def test_fused_matches_unfused_float32(monkeypatch, cfg, forms):
     model = lora_llama(**cfg)
     count = Count(monkeypatch)
     got, want = fused_vs_unfused(model)
@@ -100,7 +112,7 @@ def test_fused_matches_unfused_float32(monkeypatch, cfg):
     assert_close(got, want, 1e-5)
 
 
-def test_frozen_adapters_still_pass_input_gradients(monkeypatch):
+def test_frozen_adapters_still_pass_input_gradients(monkeypatch, forms):
     model = lora_llama(targets=["gate_proj", "up_proj", "down_proj"])
     emb = model.model.embed_tokens.weight
     emb.requires_grad_(True)                              # x needs a gradient; the adapters do not
@@ -112,7 +124,7 @@ def test_frozen_adapters_still_pass_input_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
-def test_only_one_factor_trains(monkeypatch, frozen):
+def test_only_one_factor_trains(monkeypatch, frozen, forms):
     """Only B trains (no dA: no gs GEMM, no dY Bd beside dh) or only A (no dB: the forward
     appends no A rows to the merged weights, gu is (N, 2I), no h Ad^T)."""
     model = lora_llama()
@@ -126,7 +138,7 @@ def test_only_one_factor_trains(monkeypatch, frozen):
     assert_close(got, want, 1e-5)
 
 
-def test_output_may_be_modified_in_place(monkeypatch):
+def test_output_may_be_modified_in_place(monkeypatch, forms):
     """The node's output is a column slice of [y | h Ad^T]; callers may still modify it in place."""
     model = lora_llama()
     mlp = model.model.layers[0].mlp
@@ -159,7 +171,7 @@ def check_bfloat16(monkeypatch, device):
     assert_no_less_accurate(got_fused, got_plain, want)
 
 
-def test_bfloat16_on_cpu(monkeypatch):
+def test_bfloat16_on_cpu(monkeypatch, forms):
     check_bfloat16(monkeypatch, "cpu")
 
 
@@ -182,6 +194,15 @@ def test_autocast_to_another_dtype_runs_the_class_forward(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_and_grads(model)
     assert count.n == 0
+
+
+def test_forms_follow_the_byte_counts():
+    """1B (8192 tokens): only gate|up backward beside W0; 8B (4096 tokens): all four beside;
+    long inputs: all merged."""
+    assert fused.mlp_forms(8192, 8192, 2048) == (True, True, True, False)
+    assert fused.mlp_forms(4096, 14336, 4096) == (False, False, False, False)
+    assert fused.mlp_forms(65536, 8192, 2048) == (True, True, True, True)
+    assert fused.mlp_forms(4096, 14336, 4096, c=2.0) == (True, False, True, False)
 
 
 def test_swiglu_reference_gradients_match_autograd():
@@ -254,7 +275,7 @@ def test_deepcopy_and_pickle_keep_the_routing(monkeypatch):
     assert_close(got, want, 1e-6)
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(forms):
     """Under torch.compile the fused node runs as the lorakit::gated_mlp operator (tests/test_compiled.py)."""
     model = lora_llama()
     mlp = model.model.layers[0].mlp
@@ -293,7 +314,7 @@ def test_gpu_swiglu_kernels_match_reference(n, i):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_fused_matches_unfused_float32(monkeypatch):
+def test_gpu_fused_matches_unfused_float32(monkeypatch, forms):
     model = lora_llama().cuda()
     count = Count(monkeypatch)
     got, want = fused_vs_unfused(model, IDS.cuda())
@@ -303,7 +324,7 @@ def test_gpu_fused_matches_unfused_float32(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_fused_bfloat16(monkeypatch):
+def test_gpu_fused_bfloat16(monkeypatch, forms):
     check_bfloat16(monkeypatch, "cuda")
 
 
