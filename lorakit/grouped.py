@@ -37,8 +37,8 @@ node is the opaque operator ``lorakit::shared_linear`` (lorakit.compiled). Condi
 (else every member runs its own node): gradients on, one active adapter present in every
 member with no dropout while training, no merge or per-row batch, frozen ``nn.Linear`` bases
 of x's dtype, biases in all or none, no hooks, no autocast to another dtype, and the merged
-form no dearer than the unmerged one for every member (``ops.merged_is_cheaper`` with ties:
-training-sized inputs).
+form no dearer than the unmerged one for every member (``ops.merged_is_cheaper`` with ties and
+the epilogue read counted as a whole pass, c = 1: training-sized inputs).
 
 ``attach(model)`` links the members (``inject`` calls it), ``detach`` unlinks them.
 """
@@ -144,10 +144,11 @@ class Group:
         if x.shape[-1] != k or any(w.shape[1] != k for w in ws):
             return None
         n = x.numel() // k
-        # merged for every member, ties included (q and o at the 8B shape and 4096 tokens): the
-        # node also saves what the per-member rule does not count, autograd's two sums of dX and
-        # two more reads of x and of dY
-        if not all(ops.merged_is_cheaper(n, w.shape[0], k, True, ties=True) for w in ws):
+        # merged for every member by the rule that counts the unmerged form's epilogue read as a
+        # whole pass (c = 1), ties included (q at the 8B shape and 4096 tokens): the node also saves
+        # what the per-member rule does not count, autograd's two sums of dX and two more reads of
+        # x and of dY
+        if not all(ops.merged_is_cheaper(n, w.shape[0], k, True, ties=True, c=1.0) for w in ws):
             return None
         return shared_linear(x, ws, bs, As, Bs, scales)
 

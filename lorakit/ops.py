@@ -96,26 +96,36 @@ def linear_delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fast path
-def merged_is_cheaper(n: int, d: int, k: int, training: bool, ties: bool = False) -> bool:
+# A GEMM that accumulates onto its output (beta = 1) reads that output in its epilogue; at the
+# shapes where the forms compete the GEMM is compute-bound and the read partly overlaps its main
+# loop. The fraction of a separate read pass it costs, for the byte counts of the forms: the H200
+# measured 0.06-0.58 at the MLP's shapes (bench/mlp_forms.py, ``mlp_forms_h200_epilogue.md``).
+EPILOGUE_READ = 0.5
+
+
+def merged_is_cheaper(n: int, d: int, k: int, training: bool, ties: bool = False,
+                      c: float = EPILOGUE_READ) -> bool:
     """Whether to run the low-rank term through W' = W0 + s B A rather than beside W0.
 
-    Per call, beyond what both forms share (the GEMM with the (d, k) weight):
+    Per call, beyond what both forms share (the GEMM with the (d, k) weight, x A^T):
 
-    * beside W0 (unmerged): forward adds s xa B^T into the (N, d) output (one read and
-      one write of it); a training backward adds s g A into the (N, k) dX likewise;
+    * beside W0 (unmerged): the rank-r GEMM writes s xa B^T (+ b) into the (N, d) output and the
+      big GEMM accumulates onto it (one write of the output, and ``c`` of a read); a training
+      backward does the same into the (N, k) dX;
     * through W' (merged): W' is built from W0 (one read and one write of (d, k)) in the
       forward, and again in a training backward (W' is not kept: it would cost as much
       memory as the model).
 
-    The bytes moved (GPU) and the multiply-adds (CPU: rank r times the same counts) give
-    the same rule: merged when N (d + k) > 2 d k in training, N (k + 2d) > 2 d k without
+    So merged when 4 d k < N (d + k) (1 + c) in training, 2 d k < N (d (1 + c) + k) without
     backward (there the unmerged form also reads x once more for xa, which the merged form
-    skips). Training at 8k tokens per step and long prefills pick merged; decoding picks unmerged.
-    ``ties``: also True where both forms move the same bytes.
+    skips). Training at 8k tokens per step and long prefills pick merged; decoding picks
+    unmerged. ``ties``: also True where both forms cost the same. (On a CPU the multiply-adds,
+    r times the same counts, give about the same rule.)
     """
     if training:
-        return n * (d + k) > 2 * d * k or (ties and n * (d + k) == 2 * d * k)
-    return n * (k + 2 * d) > 2 * d * k
+        cost = n * (d + k) * (1 + c)
+        return 4 * d * k < cost or (ties and 4 * d * k == cost)
+    return 2 * d * k < n * (d * (1 + c) + k)
 
 
 def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, out: Optional[Tensor] = None) -> Tensor:
@@ -232,9 +242,18 @@ def linear_forward(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Option
         out = F.linear(x, merged_weight(weight, Bc, Ac, scale), bias)      # x W'^T + b   (..., d)
         return out, (F.linear(x, Ac) if need_xa else None), True           # (..., r), for dB only
     xa = F.linear(x if xd is None else xd, Ac)                              # (..., r)
-    out = F.linear(x, weight, bias)                                         # (..., d)
-    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bc.t(), alpha=scale)
-    return out, xa, False
+    return beside(x, weight, bias, xa, Bc, scale), xa, False
+
+
+def beside(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, B: Tensor, scale: float) -> Tensor:
+    """x W0^T + b + s xa B^T, (..., d): the rank-r GEMM writes b + s xa B^T into the output, then
+    the big GEMM accumulates onto it (beta = 1: the output read in its epilogue, one pass fewer
+    than adding the low-rank term afterwards)."""
+    d, r = B.shape
+    xa2 = xa.reshape(-1, r)
+    out = torch.addmm(bias, xa2, B.t(), alpha=scale) if bias is not None else \
+        torch.addmm(xa2[:, :1], xa2, B.t(), beta=0, alpha=scale)            # (N, d); beta = 0: c ignored
+    return out.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(x.shape[:-1] + (d,))
 
 
 def linear_backward(dy: Tensor, xd: Optional[Tensor], xa: Optional[Tensor], weight: Tensor, Ac: Tensor, Bc: Tensor,
@@ -259,10 +278,10 @@ def linear_backward(dy: Tensor, xd: Optional[Tensor], xa: Optional[Tensor], weig
     if need_x:
         if merged:
             dx = dy.matmul(merged_weight(weight, Bc, Ac, s))                # dY W' = dY W0 + s (dY B) A
+        elif same:                                                          # s g A, then += dY W0 onto it
+            dx = torch.mm(gs, Ac).addmm_(dy2, weight).view(dy.shape[:-1] + (k,))
         else:
-            dx = dy.matmul(weight)                                          # dY W0
-            if same:
-                dx.view(-1, k).addmm_(gs, Ac)                               # += s g A, one accumulating GEMM
+            dx = dy.matmul(weight)                                          # dY W0 (s g A flows through dropout)
     if need_xd:
         dxd = torch.mm(gs, Ac).view(dy.shape[:-1] + (k,))                  # s g A (flows back through dropout)
     if need_a:
@@ -323,12 +342,7 @@ def _lora_linear_nograd(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: O
         y = None if k is None else k.lora_linear(x, weight, bias, A, B, scale)
         if y is not None:
             return y
-    out = F.linear(x, weight, bias)                                         # (..., d)
-    xa = F.linear(x if xd is None else xd, A)                               # (..., r)
-    if out.dim() == 2:
-        return out.addmm_(xa, B.t(), alpha=scale)                           # += s xa B^T
-    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=scale)
-    return out
+    return beside(x, weight, bias, F.linear(x if xd is None else xd, A), B, scale)
 
 
 def lora_linear_nograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,

@@ -148,7 +148,7 @@ def test_forms_where_the_merged_form_ties(monkeypatch):
     assert count.n == 2
     loss_and_grads(model, IDS[:2, :15].reshape(1, 30))   # 30 tokens
     assert count.n == 2
-    assert not ops.merged_is_cheaper(32, 32, 32, True) and ops.merged_is_cheaper(32, 32, 32, True, ties=True)
+    assert not ops.merged_is_cheaper(32, 32, 32, True, c=1.0) and ops.merged_is_cheaper(32, 32, 32, True, ties=True, c=1.0)
 
 
 def test_not_formed_where_it_does_not_apply(monkeypatch):

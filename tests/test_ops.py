@@ -219,12 +219,17 @@ def test_merged_weights_with_appended_factors_cpu():
 
 
 def test_merged_is_cheaper_rule():
-    # training: N (d + k) > 2 d k; inference: N (k + 2d) > 2 d k
+    # training: 4 d k < N (d + k) (1 + c); inference: 2 d k < N (d (1 + c) + k); c = 0.5 by default
+    assert ops.EPILOGUE_READ == 0.5
     assert ops.merged_is_cheaper(8192, 2048, 2048, training=True)
     assert not ops.merged_is_cheaper(8, 2048, 2048, training=True)
-    assert not ops.merged_is_cheaper(2048, 2048, 2048, training=True)      # equal cost: unmerged
-    assert ops.merged_is_cheaper(2049, 2048, 2048, training=True)
-    assert ops.merged_is_cheaper(1366, 2048, 2048, training=False)         # 2/3 of k
+    assert not ops.merged_is_cheaper(2730, 2048, 2048, training=True)
+    assert ops.merged_is_cheaper(2731, 2048, 2048, training=True)
+    assert not ops.merged_is_cheaper(2048, 2048, 2048, training=True, c=1.0)   # equal cost: unmerged
+    assert ops.merged_is_cheaper(2048, 2048, 2048, training=True, c=1.0, ties=True)
+    assert ops.merged_is_cheaper(2049, 2048, 2048, training=True, c=1.0)
+    assert not ops.merged_is_cheaper(1638, 2048, 2048, training=False)
+    assert ops.merged_is_cheaper(1639, 2048, 2048, training=False)
     assert not ops.merged_is_cheaper(8, 4096, 14336, training=False)
 
 
