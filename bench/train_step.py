@@ -19,8 +19,6 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
     X+merged-mlp     lorakit X with the fused MLP's four GEMM sites all in the merged form
                      (lorakit.fused.mlp_forms overridden during its steps only)
-    X+plain-act      lorakit X with the fused MLP's plain SwiGLU kernels: the low-rank terms of
-                     gate|up and down's backward added by GEMMs, not in the activation kernels
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
                      ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
@@ -70,9 +68,8 @@ def parse_variant(spec: str) -> dict:
     foreach = "+foreach" in name
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
-    plain_act = "+plain-act" in name
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+plain-act"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -82,7 +79,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
-                merged_mlp=merged_mlp, plain_act=plain_act,
+                merged_mlp=merged_mlp,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -147,21 +144,14 @@ def make_step(v: dict, model, opt, ids, labels):
 
     host = []                                       # per step: host seconds of forward, backward, optimizer
     from lorakit import fused
-    overrides = {}                                  # fused's functions replaced during this variant's steps
-    if v.get("merged_mlp"):
-        overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
-    if v.get("plain_act"):
-        overrides["lora_activation"] = lambda x: False
+    forms = (lambda *a, **k: (True,) * 4) if v.get("merged_mlp") else fused.mlp_forms
 
     def step():
-        saved = {k: getattr(fused, k) for k in overrides}
-        for k, f in overrides.items():
-            setattr(fused, k, f)
+        chosen, fused.mlp_forms = fused.mlp_forms, forms
         try:
             return _step()
         finally:
-            for k, f in saved.items():
-                setattr(fused, k, f)
+            fused.mlp_forms = chosen
 
     def _step():
         t0 = time.perf_counter()
