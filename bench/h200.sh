@@ -27,7 +27,8 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
-#   bash bench/h200.sh s10c        # next: the final code (the forms; no LoRA terms in the SwiGLU kernels): GPU
+#   bash bench/h200.sh s10d        # 8B compiled on the final code
+#   bash bench/h200.sh s10c        # the final code (the forms; no LoRA terms in the SwiGLU kernels): GPU
 #                                   # tests, 1B eager and compiled, 8B eager
 #   bash bench/h200.sh s10b        # SwiGLU kernels that add the low-rank terms (fused MLP beside W0): GPU
 #                                   # tests, mlp_forms with and without them, 8B and 1B steps (+plain-act: without)
@@ -168,6 +169,10 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s10d)
+    timeout 250 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound+compile,lorakit+compile}" --out $R/train_step_8b_h200_s10d 2>&1 | tee -a "$LOG"
     ;;
   s10c)
     timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_compiled.py \

@@ -12,10 +12,11 @@ Two implementations compute that same function:
   - never makes a full-size elementwise pass for the low-rank term. Per call it picks
     (``merged_is_cheaper``, from the shapes alone) between two exact forms:
 
-        unmerged:  out = x W0^T + b;  out += s xa B^T        (the add is the epilogue of a
-                                                               rank-r GEMM: one read + write of out)
-        merged:    out = x W'^T + b,  W' = W0 + s B A         (W' built by one GEMM with W0 as
-                                                               its accumulator, then dropped)
+        unmerged:  out = b + s xa B^T;  out += x W0^T      (the rank-r GEMM writes out, the big
+                                                               GEMM accumulates onto it: one write
+                                                               of out, and a read in its epilogue)
+        merged:    out = x W'^T + b,  W' = W0 + s B A         (W' built in one pass over W0,
+                                                               then dropped)
 
     Merged wins when the token count N is large against the layer's width (training
     steps, prefill): rebuilding a (d, k) weight is cheaper than a pass over an (N, d)
@@ -26,7 +27,7 @@ Two implementations compute that same function:
   - computes, with no gradient for W0 (it is frozen)::
 
         g  = s dY B                (N x r)
-        dX = dY W0 + g A  = dY W'  (N x k)   one GEMM (+ one accumulating rank-r GEMM, unmerged)
+        dX = dY W0 + g A  = dY W'  (N x k)   one GEMM (unmerged: g A first, dY W0 accumulates onto it)
         dA = g^T x                 (r x k)
         dB = s (xa^T dY)^T         (d x r)
 
