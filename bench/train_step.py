@@ -19,6 +19,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
     X+merged-mlp     lorakit X with the fused MLP's four GEMM sites all in the merged form
                      (lorakit.fused.mlp_forms overridden during its steps only)
+    X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
+                     overridden during its steps only)
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
                      ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
@@ -68,8 +70,9 @@ def parse_variant(spec: str) -> dict:
     foreach = "+foreach" in name
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
+    fuse_all = "+fuse-all" in name
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -79,7 +82,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
-                merged_mlp=merged_mlp,
+                merged_mlp=merged_mlp, fuse_all=fuse_all,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -144,14 +147,21 @@ def make_step(v: dict, model, opt, ids, labels):
 
     host = []                                       # per step: host seconds of forward, backward, optimizer
     from lorakit import fused
-    forms = (lambda *a, **k: (True,) * 4) if v.get("merged_mlp") else fused.mlp_forms
+    overrides = {}                                  # fused's functions replaced during this variant's steps
+    if v.get("merged_mlp"):
+        overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
+    if v.get("fuse_all"):
+        overrides["fused_is_cheaper"] = lambda *a: True
 
-    def step():
-        chosen, fused.mlp_forms = fused.mlp_forms, forms
-        try:
-            return _step()
-        finally:
-            fused.mlp_forms = chosen
+    def overridden(fn):
+        def run():
+            saved = {k: getattr(fused, k) for k in overrides}
+            fused.__dict__.update(overrides)
+            try:
+                return fn()
+            finally:
+                fused.__dict__.update(saved)
+        return run if overrides else fn
 
     def _step():
         t0 = time.perf_counter()
@@ -168,9 +178,10 @@ def make_step(v: dict, model, opt, ids, labels):
         host.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return loss
 
+    step = overridden(_step)
     step.host = host
 
-    return step, forward_loss
+    return step, overridden(forward_loss)
 
 
 def prepare(v: dict, args, dtype) -> dict:

@@ -20,7 +20,10 @@ output, down's input). A frozen model (the "bound") keeps three. The fused node 
 
 (The A's and Bd ride in the GEMMs as extra rows or columns of the merged weights, which the
 W' kernel writes in the same launch: x, h and dY are each read once, not again by a rank-r
-GEMM.)
+GEMM.) That is each GEMM site's merged form. Each of the four sites (gate|up forward, down
+forward, down backward, gate|up backward) can instead run beside W0: the rank-r product is
+written into the output and the GEMM with W0 accumulates onto it, e.g. dx = s gs [Ag; Au],
+then += dg Wg, += du Wu. ``mlp_forms`` picks per site from the shapes (bytes moved).
 
 Every form is exact (W' is the merged weight of the ``merged`` form in lorakit.ops, rebuilt
 in backward rather than kept). Against the unfused path this saves per layer: two (N, I)
