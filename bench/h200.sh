@@ -27,6 +27,8 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s11a        # SwiGLU kernels adding the low-rank terms as r outer products (no tl.dot):
+#                                   # their GPU tests, mlp_forms, 8B and 1B steps with and without (+plain-act)
 #   bash bench/h200.sh s10d        # 8B compiled on the final code
 #   bash bench/h200.sh s10c        # the final code (the forms; no LoRA terms in the SwiGLU kernels): GPU
 #                                   # tests, 1B eager and compiled, 8B eager
@@ -169,6 +171,15 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s11a)
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 80 python3 bench/mlp_forms.py --rounds 20 --out $R/mlp_forms_h200_fma 2>&1 | tee -a "$LOG"
+    timeout 110 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,lorakit+plain-act}" --out $R/train_step_8b_h200_s11a 2>&1 | tee -a "$LOG"
+    timeout 150 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+plain-act,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_s11a 2>&1 | tee -a "$LOG"
     ;;
   s10d)
     timeout 250 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
