@@ -9,8 +9,6 @@ reads it in the epilogue). Two tables:
   the difference as a fraction ``c`` of a plain pass over ``out`` (a copy's read half);
 * the node's forward and backward (``fused.mlp_forward``, ``fused.mlp_backward``) with each
   site's form forced, against the frozen MLP (the same GEMMs with W0 and the SwiGLU kernels).
-  On the GPU the forms beside W0 of gate|up forward and down backward run twice: low-rank terms
-  added by GEMMs, and "(act)": added by the SwiGLU kernels from registers.
 
 Medians of interleaved rounds of back-to-back calls (CUDA events), bfloat16, r = 16.
 
@@ -55,26 +53,13 @@ def adapters(t: dict) -> list:
     return [t[k] for k in ("ag", "bg", "au", "bu", "ad", "bd")]
 
 
-def with_act(fn, act: bool):
-    """fn run with ``fused.lora_activation`` forced to ``act``."""
-    def run():
-        saved, fused.lora_activation = fused.lora_activation, (lambda *a: act)
-        try:
-            return fn()
-        finally:
-            fused.lora_activation = saved
-    return run
-
-
-def node_fns(t: dict, fwd: tuple, bwd: tuple, act: bool = False):
-    """(forward, backward) closures of the fused node with the given forms (scales 2.0), the SwiGLU
-    kernels adding the low-rank terms where the forms allow when ``act``."""
+def node_fns(t: dict, fwd: tuple, bwd: tuple):
+    """(forward, backward) closures of the fused node with the given forms (scales 2.0)."""
     x, dy, w = t["x"], t["dy"], (t["wg"], t["wu"], t["wd"])
-    f = fwd + bwd
-    _, gu, has = with_act(lambda: fused.mlp_forward(x, *w, *adapters(t), 2.0, 2.0, 2.0, True, True, forms=f), act)()
+    _, gu, has = fused.mlp_forward(x, *w, *adapters(t), 2.0, 2.0, 2.0, True, True, forms=fwd + bwd)
     need = (True,) * 7
-    return (with_act(lambda: fused.mlp_forward(x, *w, *adapters(t), 2.0, 2.0, 2.0, True, True, forms=f), act),
-            with_act(lambda: fused.mlp_backward(dy, x, gu, has, *w, *adapters(t), 2.0, 2.0, 2.0, need, forms=f), act))
+    return (lambda: fused.mlp_forward(x, *w, *adapters(t), 2.0, 2.0, 2.0, True, True, forms=fwd + bwd),
+            lambda: fused.mlp_backward(dy, x, gu, has, *w, *adapters(t), 2.0, 2.0, 2.0, need, forms=fwd + bwd))
 
 
 def bound_fns(t: dict):
@@ -124,33 +109,26 @@ def epilogue_rows(size: str, t: dict, rounds: int, calls: int) -> list[dict]:
 def node_rows(size: str, t: dict, rounds: int, calls: int) -> list[dict]:
     bf, bb = bound_fns(t)
     fns = {"bound fwd": bf, "bound bwd": bb}
-    act = fused.lora_activation(t["x"], t["ag"].shape[0])
-    fwd_forms, bwd_forms = dict(FWD), dict(BWD)
-    if act:                                         # the activation kernels adding the terms, or GEMMs
-        fwd_forms.update({k + " (act)": v for k, v in FWD.items() if not v[0]})
-        bwd_forms.update({k + " (act)": v for k, v in BWD.items() if not v[0]})
-    for name, f in fwd_forms.items():
-        fns["fwd " + name] = node_fns(t, f, (True, True), act and name.endswith("(act)"))[0]
-    for name, b in bwd_forms.items():
-        fns["bwd " + name] = node_fns(t, (True, True), b, act and name.endswith("(act)"))[1]
+    for name, f in FWD.items():
+        fns["fwd " + name] = node_fns(t, f, (True, True))[0]
+    for name, b in BWD.items():
+        fns["bwd " + name] = node_fns(t, (True, True), b)[1]
     for f in fns.values():
         for _ in range(2):
             f()
     ts = common.interleaved({k: common.cuda_timer(f, calls) for k, f in fns.items()}, rounds)
     m = {k: common.median(v) for k, v in ts.items()}
-    choice = fused.mlp_forms(t["x"].shape[0], t["wg"].shape[0], t["wg"].shape[1], act=act)
+    choice = fused.mlp_forms(t["x"].shape[0], t["wg"].shape[0], t["wg"].shape[1])
     rows = []
-    for direction, table, bound, chosen in (("fwd", fwd_forms, m["bound fwd"], choice[:2]),
-                                            ("bwd", bwd_forms, m["bound bwd"], choice[2:])):
+    for direction, table, bound, chosen in (("fwd", FWD, m["bound fwd"], choice[:2]),
+                                            ("bwd", BWD, m["bound bwd"], choice[2:])):
         for name, f in table.items():
-            # where act matters (gate|up forward, down backward beside W0) the "(act)" row is the choice
-            is_choice = f == chosen and name.endswith("(act)") == (act and not f[0])
             ms = m[f"{direction} {name}"]
             rows.append(dict(size=size, direction=direction, forms=name, ms=ms, bound_ms=bound,
                              over_bound_us=(ms - bound) * 1e3, vs_merged=ms / m[f"{direction} merged"],
-                             chosen=is_choice))
-            print(f"{size} {direction} {name:<21} {ms:.4f} ms  (bound {bound:.4f})  x merged "
-                  f"{rows[-1]['vs_merged']:.3f}{'  <- mlp_forms' if is_choice else ''}", flush=True)
+                             chosen=f == chosen))
+            print(f"{size} {direction} {name:<15} {ms:.4f} ms  (bound {bound:.4f})  x merged "
+                  f"{rows[-1]['vs_merged']:.3f}{'  <- mlp_forms' if f == chosen else ''}", flush=True)
     return rows
 
 

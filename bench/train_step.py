@@ -19,8 +19,6 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
     X+merged-mlp     lorakit X with the fused MLP's four GEMM sites all in the merged form
                      (lorakit.fused.mlp_forms overridden during its steps only)
-    X+plain-act      lorakit X with the fused MLP's plain SwiGLU kernels: the low-rank terms of
-                     gate|up and of down's backward added by GEMMs, not in the activation kernels
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
@@ -73,9 +71,8 @@ def parse_variant(spec: str) -> dict:
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
     fuse_all = "+fuse-all" in name
-    plain_act = "+plain-act" in name
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all", "+plain-act"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -85,7 +82,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
-                merged_mlp=merged_mlp, fuse_all=fuse_all, plain_act=plain_act,
+                merged_mlp=merged_mlp, fuse_all=fuse_all,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -155,8 +152,6 @@ def make_step(v: dict, model, opt, ids, labels):
         overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
     if v.get("fuse_all"):
         overrides["fused_is_cheaper"] = lambda *a: True
-    if v.get("plain_act"):
-        overrides["lora_activation"] = lambda *a: False
 
     def overridden(fn):
         def run():

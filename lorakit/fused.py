@@ -23,8 +23,7 @@ W' kernel writes in the same launch: x, h and dY are each read once, not again b
 GEMM.) That is each GEMM site's merged form. Each of the four sites (gate|up forward, down
 forward, down backward, gate|up backward) can instead run beside W0: the rank-r product is
 written into the output and the GEMM with W0 accumulates onto it, e.g. dx = s gs [Ag; Au],
-then += dg Wg, += du Wu; on the GPU the SwiGLU kernels add gate's, up's and (backward) down's
-low-rank terms themselves. ``mlp_forms`` picks per site from the shapes (bytes moved).
+then += dg Wg, += du Wu. ``mlp_forms`` picks per site from the shapes (bytes moved).
 
 Every form is exact (W' is the merged weight of the ``merged`` form in lorakit.ops, rebuilt
 in backward rather than kept). Against the unfused path this saves per layer: two (N, I)
@@ -63,74 +62,37 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 
 # ---------------------------------------------------------------------------- the activation
-def _gate_up(gu: Tensor, i: int, lora: Optional[tuple]) -> tuple[Tensor, Tensor]:
-    """g, u in float32 from gu = [g0 | u0 | ...]; with ``lora`` = (Bg, Bu, sg, su) the low-rank
-    terms are added (g = g0 + sg xag Bg^T, u = u0 + su xau Bu^T, x [Ag; Au]^T at column 2I of gu)."""
-    g, u = gu[:, :i].float(), gu[:, i:2 * i].float()
-    if lora is not None:
-        bg, bu, sg, su = lora
-        xa, rg = gu[:, 2 * i:].float(), bg.shape[1]
-        g = g + sg * (xa[:, :rg] @ bg.float().t())
-        u = u + su * (xa[:, rg:] @ bu.float().t())
-    return g, u
-
-
-def swiglu_forward_reference(gu: Tensor, lora: Optional[tuple] = None) -> Tensor:
-    """h = silu(g) * u for gu = [g | u] (N, 2I); returns (N, I), computed in float32. With ``lora``
-    (see ``_gate_up``) gu = [g0 | u0 | xag | xau] and the low-rank terms are added first."""
-    i = lora[0].shape[0] if lora is not None else gu.shape[1] // 2
-    g, u = _gate_up(gu, i, lora)
+def swiglu_forward_reference(gu: Tensor) -> Tensor:
+    """h = silu(g) * u for gu = [g | u] (N, 2I); returns (N, I), computed in float32."""
+    i = gu.shape[1] // 2
+    g, u = gu[:, :i].float(), gu[:, i:].float()
     return (g * torch.sigmoid(g) * u).to(gu.dtype)
 
 
-def swiglu_backward_reference(dh: Tensor, gu: Tensor, lora: Optional[tuple] = None,
-                              dlora: Optional[tuple] = None) -> Tensor:
+def swiglu_backward_reference(dh: Tensor, gu: Tensor) -> Tensor:
     """[dg | du] (N, 2I) from dh (N, I) and gu; overwrites dh with h (as the Triton kernel does).
 
-    du = dh g s;  dg = dh u s (1 + g (1 - s)),  s = sigmoid(g). ``lora`` as for the forward;
-    ``dlora`` = (gd, Ad, sd): dh = dh0 + sd gd Ad first (gd (N, rd), Ad (rd, I)).
+    du = dh g s;  dg = dh u s (1 + g (1 - s)),  s = sigmoid(g).
     """
-    i = dh.shape[1]
-    g, u = _gate_up(gu, i, lora)
-    d = dh.float()
-    if dlora is not None:
-        gd, ad, sd = dlora
-        d = d + sd * (gd.float() @ ad.float())
+    i = gu.shape[1] // 2
+    g, u, d = gu[:, :i].float(), gu[:, i:].float(), dh.float()
     s = torch.sigmoid(g)
     silu = g * s
-    dgu = gu.new_empty((gu.shape[0], 2 * i))
+    dgu = torch.empty_like(gu)
     dgu[:, :i] = d * u * s * (1 + g * (1 - s))
     dgu[:, i:] = d * silu
     dh.copy_(silu * u)
     return dgu
 
 
-# The largest rank whose low-rank terms the SwiGLU kernels add (r float32 multiply-adds per
-# element and factor, hidden behind the kernels' memory traffic up to about this rank)
-ACT_MAX_RANK = 16
-
-
-def lora_activation(x: Tensor, r: int) -> bool:
-    """Whether the SwiGLU kernels that add the low-rank terms themselves run for x and LoRA ranks
-    up to r (Triton, on the GPU; the plain-PyTorch references compute the same elsewhere, but
-    there they save nothing)."""
-    return x.is_cuda and r <= ACT_MAX_RANK and kernels.load("swiglu") is not None
-
-
-def _swiglu_forward(gu: Tensor, lora: Optional[tuple] = None) -> Tensor:
+def _swiglu_forward(gu: Tensor) -> Tensor:
     k = kernels.load("swiglu") if gu.is_cuda else None
-    if k is None:
-        return swiglu_forward_reference(gu, lora)
-    return k.swiglu_forward(gu) if lora is None else k.swiglu_lora_forward(gu, *lora)
+    return k.swiglu_forward(gu) if k is not None else swiglu_forward_reference(gu)
 
 
-def _swiglu_backward(dh: Tensor, gu: Tensor, lora: Optional[tuple] = None, dlora: Optional[tuple] = None) -> Tensor:
+def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
     k = kernels.load("swiglu") if gu.is_cuda else None
-    if k is None:
-        return swiglu_backward_reference(dh, gu, lora, dlora)
-    if lora is None and dlora is None:
-        return k.swiglu_backward(dh, gu[:, :2 * dh.shape[1]])
-    return k.swiglu_lora_backward(dh, gu, *(lora or (None, None, 1.0, 1.0)), *(dlora or (None, None, 1.0)))
+    return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
 
 
 # ---------------------------------------------------------------------------- the node
@@ -141,40 +103,28 @@ def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, 
     return ops.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
 
 
-def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ, act: bool = False
-              ) -> tuple[bool, bool, bool, bool]:
+def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[bool, bool, bool, bool]:
     """Which of the node's four GEMM sites take the merged form, for N tokens, I, H:
-    (gate|up forward, down forward, down backward, gate|up backward); False: beside W0.
+    (gate|up forward, down forward, down backward, gate|up backward); False: added beside W0.
 
     Each site's big GEMM runs either with W' = W0 + s B A (built by a pass that reads W0 and
     writes W': 2 d k elements moved beyond the GEMM's own) and the factors appended to it
     (``ops.stacked_merged_weight``: the rank-r product then costs nothing), or with W0 itself,
     accumulating onto s (rank-r product) B^T written first into its output: one write and, in
     the GEMM's epilogue, one read of the (N, d) output (``c`` of a pass), plus the rank-r GEMM's
-    read of its input, which no longer rides in the big GEMM (``ops.EPILOGUE_READ``: c = 0.5).
-    With ``act`` (the SwiGLU kernels that add low-rank terms themselves: ``lora_activation``)
-    the gate|up forward and the down backward add theirs in the activation kernels, from
-    registers, so beside W0 they cost only the rank-r GEMM's read. Per site, in elements:
+    read of its input, which no longer rides in the big GEMM (``ops.EPILOGUE_READ``: c = 0.5). Per
+    site, in elements:
 
-        gate|up forward    merged 4 I H    beside N (2 I (1 + c) + H)    act: N H
+        gate|up forward    merged 4 I H    beside N (2 I (1 + c) + H)
         down forward       merged 2 H I    beside N (H (1 + c) + I)
-        down backward      merged 2 H I    beside N (I (1 + c) + H)      act: N H
+        down backward      merged 2 H I    beside N (I (1 + c) + H)
         gate|up backward   merged 4 I H    beside N H (2 + 2 c)    (dX sums two GEMMs: K = I each)
 
-    Without ``act`` at the 1B shape and 8192 tokens only gate|up backward goes beside W0; with
-    it, down forward alone stays merged. At the 8B shape (4096 tokens) all four go beside.
+    At the 1B shape and 8192 tokens only gate|up backward goes beside W0; at the 8B shape
+    (4096 tokens) all four do, with c = 0.5.
     """
-    gu_fwd = n * h if act else n * (2 * i * (1 + c) + h)
-    down_bwd = n * h if act else n * (i * (1 + c) + h)
-    return (4 * i * h <= gu_fwd, 2 * h * i <= n * (h * (1 + c) + i), 2 * h * i <= down_bwd,
-            4 * i * h <= n * h * (2 + 2 * c))
-
-
-def _forms(x: Tensor, i: int, h: int, r: int, forms: Optional[tuple[bool, ...]]) -> tuple[tuple[bool, ...], bool]:
-    """(forms, act): ``forms`` or ``mlp_forms``' choice, and whether the activation kernels add the
-    low-rank terms (the GPU with Triton, ranks up to r)."""
-    act = lora_activation(x, r)
-    return (forms if forms is not None else mlp_forms(x.shape[0], i, h, act=act)), act
+    return (4 * i * h <= n * (2 * i * (1 + c) + h), 2 * h * i <= n * (h * (1 + c) + i),
+            2 * h * i <= n * (i * (1 + c) + h), 4 * i * h <= n * h * (2 + 2 * c))
 
 
 def _beside_into(out: Tensor, xa: Tensor, B: Tensor, scale: float, x: Tensor, W: Tensor) -> Tensor:
@@ -193,31 +143,23 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     gu = [g | u | xas] (N, 2I + rg + ru): xas = x [Ag; Au]^T, for the dB's, when ``need_xas``
     (else (N, 2I)); has = h Ad^T (N, rd) when ``need_has``. In the merged forms both ride in the
     GEMMs that need their input anyway: the A's are appended as rows to the merged weights (x
-    and h are read once each), and their scales ride on the dB GEMMs' alpha. Where the SwiGLU
-    kernel adds gate's and up's low-rank terms (gate|up beside W0, on the GPU) gu keeps g0 = x Wg^T
-    and u0 = x Wu^T, and xas always: the backward kernel adds the terms again. With ``need_has``
+    and h are read once each), and their scales ride on the dB GEMMs' alpha. With ``need_has``
     y is a column slice of an (N, H + rd) buffer (row stride H + rd) in either form ([y | h Ad^T]
     merged); has is a copy, so that keeping it does not keep that buffer. ``forms``: as
     ``mlp_forms`` returns (default: its choice for these shapes).
     """
     i, hid = wg.shape
     n = x2.shape[0]
-    f, act = _forms(x2, i, hid, max(agc.shape[0], auc.shape[0], adc.shape[0]), forms)
-    lora = None
+    f = forms if forms is not None else mlp_forms(n, i, hid)
     if f[0]:
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
     else:
-        rg, keep = agc.shape[0], need_xas or act
-        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if keep else 0)))
-        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if keep else None)
-        if act:                                                             # the kernel adds the terms
-            torch.mm(x2, wg.t(), out=gu[:, :i])
-            torch.mm(x2, wu.t(), out=gu[:, i:2 * i])
-            lora = (bgc, buc, sg, su)
-        else:
-            _beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
-            _beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
-    h = _swiglu_forward(gu if lora else gu[:, :2 * i], lora)                # (N, I)
+        rg = agc.shape[0]
+        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas else 0)))
+        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
+        _beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
+        _beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
+    h = _swiglu_forward(gu[:, :2 * i])                                      # (N, I)
     if f[1]:
         if not need_has:
             return torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
@@ -241,10 +183,9 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
     n, rg = dy2.shape[0], agc.shape[0]
-    f, act = _forms(dy2, i, hid, max(agc.shape[0], auc.shape[0], adc.shape[0]), forms)
+    f = forms if forms is not None else mlp_forms(n, i, hid)
     xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
-    lora = (bgc, buc, sg, su) if act and not f[0] else None                 # gu holds g0, u0 (mlp_forward)
-    dlora = None
+    gu = gu[:, :2 * i]
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
@@ -252,14 +193,11 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
         dh, gd = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
     else:                                                                   # sd (dY Bd) Ad + dY Wd
         gd = torch.mm(dy2, bdc)
-        if act:                                                             # the kernel adds sd gd Ad
-            dh, dlora = torch.mm(dy2, wd), (gd, adc, sd)
-        else:
-            dh = _beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
+        dh = _beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
-    dgu = _swiglu_backward(dh, gu, lora, dlora)                             # [dg | du] (N, 2I); dh := h
+    dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
-    del dh, gd, dlora
+    del dh, gd
     dx = dA = dBg = dBu = None
     if need_x and f[3]:
         dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su))    # (N, H)

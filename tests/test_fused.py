@@ -36,20 +36,15 @@ def Count(monkeypatch):
 
 
 # The node's four GEMM sites (gate|up forward, down forward, down backward, gate|up backward),
-# each merged (True) or beside W0 (False), and whether the SwiGLU kernels (their references off
-# the GPU) add the low-rank terms of gate|up forward and down backward (act); tests that take the
-# ``forms`` fixture run under each.
-FORMS = {"merged": ((True,) * 4, False), "beside": ((False,) * 4, False), "mixed": ((True, False, True, False), False),
-         "mixed2": ((False, True, False, True), False), "beside-act": ((False,) * 4, True),
-         "gu-act": ((False, True, True, False), True), "down-act": ((True, True, False, True), True)}
+# each merged (True) or beside W0 (False); tests that take the ``forms`` fixture run under each.
+FORMS = {"merged": (True,) * 4, "beside": (False,) * 4, "mixed": (True, False, True, False),
+         "mixed2": (False, True, False, True)}
 
 
 @pytest.fixture(params=list(FORMS))
 def forms(request, monkeypatch):
-    f, act = FORMS[request.param]
-    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: f)
-    monkeypatch.setattr(fused, "lora_activation", lambda *a: act)
-    return f
+    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: FORMS[request.param])
+    return FORMS[request.param]
 
 
 def fused_vs_unfused(model, ids=IDS):
@@ -202,12 +197,9 @@ def test_autocast_to_another_dtype_runs_the_class_forward(monkeypatch):
 
 
 def test_forms_follow_the_byte_counts():
-    """1B (8192 tokens): only gate|up backward beside W0, and with the activation kernels adding
-    the low-rank terms all but down forward; 8B (4096 tokens): all four beside; long inputs: all
-    merged."""
+    """1B (8192 tokens): only gate|up backward beside W0; 8B (4096 tokens): all four beside;
+    long inputs: all merged."""
     assert fused.mlp_forms(8192, 8192, 2048) == (True, True, True, False)
-    assert fused.mlp_forms(8192, 8192, 2048, act=True) == (False, True, False, False)
-    assert fused.mlp_forms(4096, 14336, 4096, act=True) == (False, False, False, False)
     assert fused.mlp_forms(4096, 14336, 4096) == (False, False, False, False)
     assert fused.mlp_forms(65536, 8192, 2048) == (True, True, True, True)
     assert fused.mlp_forms(4096, 14336, 4096, c=2.0) == (True, False, True, False)
@@ -318,44 +310,6 @@ def test_gpu_swiglu_kernels_match_reference(n, i):
     assert torch.equal(swiglu.swiglu_forward(gu), swiglu.swiglu_forward(gu))
     c = dh.clone()
     assert torch.equal(swiglu.swiglu_backward(c, gu), got) and torch.equal(c, a)
-
-
-def check_lora_swiglu_kernels(device, dtype, n, i, rg, ru, rd, lora_gu, lora_dh, tol):
-    """The SwiGLU kernels that add the low-rank terms against their references: h, dgu and the h
-    written over dh (relative to each result's norm), then equal results through the launcher."""
-    from lorakit.kernels import swiglu
-    gen = torch.Generator(device=device).manual_seed(n + i + rg)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, device=device, generator=gen) * std).to(dtype)
-    gu = rnd(n, 2 * i + rg + ru, std=2.0)
-    bg, bu, gd, ad, dh = rnd(i, rg, std=0.3), rnd(i, ru, std=0.3), rnd(n, rd), rnd(rd, i, std=0.3), rnd(n, i)
-    lora = (bg, bu, 0.7, 1.3) if lora_gu else None
-    dlora = (gd, ad, 2.0) if lora_dh else None
-
-    def close(a, b):
-        assert (a.float() - b.float()).norm() <= tol * b.float().norm()
-    if lora_gu:
-        close(swiglu.swiglu_lora_forward(gu, *lora), fused.swiglu_forward_reference(gu, lora))
-    a, b = dh.clone(), dh.clone()
-    got = swiglu.swiglu_lora_backward(a, gu, *(lora or (None, None, 1.0, 1.0)), *(dlora or (None, None, 1.0)))
-    close(got, fused.swiglu_backward_reference(b, gu if lora_gu else gu[:, :2 * i], lora, dlora))
-    close(a, b)
-    c = dh.clone()
-    assert torch.equal(swiglu.swiglu_lora_backward(c, gu, *(lora or (None, None, 1.0, 1.0)),
-                                                   *(dlora or (None, None, 1.0))), got) and torch.equal(c, a)
-
-
-LORA_KERNEL_CASES = [(1, 8, 4, 4, 4, True, True), (70, 300, 16, 16, 16, True, True), (130, 1000, 8, 24, 5, True, False),
-                     (64, 256, 32, 16, 64, False, True), (200, 129, 1, 2, 3, True, True)]
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("case", LORA_KERNEL_CASES)
-def test_gpu_lora_swiglu_kernels_match_reference(dtype, case):
-    check_lora_swiglu_kernels("cuda", dtype, *case, tol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.gpu
