@@ -29,8 +29,8 @@
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
 #   bash bench/h200.sh s11a        # SwiGLU kernels adding the low-rank terms as r outer products (no tl.dot):
 #                                   # their GPU tests, mlp_forms, 8B and 1B steps with and without (+plain-act).
-#                                   # s10b and s11a ran code since removed (commits 1ae0ee7 and the one after
-#                                   # "CPU results session 7"): check those out to rerun them
+#                                   # s10b and s11a ran code since removed (commits 1ae0ee7 and 4048c78):
+#                                   # check those out to rerun them
 #   bash bench/h200.sh s10d        # 8B compiled on the final code
 #   bash bench/h200.sh s10c        # the final code (the forms; no LoRA terms in the SwiGLU kernels): GPU
 #                                   # tests, 1B eager and compiled, 8B eager
