@@ -200,7 +200,6 @@ def load_times(model, results, device, label):
 
 def run_peft(model, size, device, ids, results):
     from peft import LoraConfig, get_peft_model
-    B = ids.shape[0]
     t0 = time.perf_counter()
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
     pm = get_peft_model(model, cfg, adapter_name="a0").eval()
