@@ -115,7 +115,7 @@ class _Identity(torch.autograd.Function):
 
 def op_costs(args, dtype) -> list[dict]:
     import lorakit
-    from lorakit import ops
+    from lorakit import wprime
     dev = args.device
     n, d, r = 128, 64, 16
     x = torch.randn(n, d, device=dev, dtype=dtype)
@@ -125,7 +125,7 @@ def op_costs(args, dtype) -> list[dict]:
     out = torch.empty_like(w)
     cases = [("torch.mm (128x64 @ 64x64)", lambda: torch.mm(x, w)),
              ("F.linear", lambda: F.linear(x, w)),
-             ("ops.merged_weight (W', 64x64, r=16)", lambda: ops.merged_weight(w, B, A, 2.0, out=out))]
+             ("wprime.merged_weight (W', 64x64, r=16)", lambda: wprime.merged_weight(w, B, A, 2.0, out=out))]
     if dev.startswith("cuda"):
         from lorakit import kernels
         mk = kernels.load("merge")

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
-from lorakit import fused  # noqa: E402
+from lorakit import activation, fused  # noqa: E402
 
 TOKENS = {"1b": 8192, "8b": 4096, "smol": 512}
 FWD = {"merged": (True, True), "gate|up beside": (False, True), "down beside": (True, False),
@@ -70,11 +70,11 @@ def bound_fns(t: dict):
     gu = torch.mm(x, wgu.t())
 
     def fwd():
-        h = fused._swiglu_forward(torch.mm(x, wgu.t()))
+        h = activation.swiglu_forward(torch.mm(x, wgu.t()))
         return torch.mm(h, wd.t())
 
     def bwd():
-        dgu = fused._swiglu_backward(torch.mm(dy, wd), gu)
+        dgu = activation.swiglu_backward(torch.mm(dy, wd), gu)
         return torch.mm(dgu, wgu), i
     return fwd, bwd
 

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import fused, grouped, ops
+from . import fused, grouped, ops, wprime
 from .ops import _cast
 
 AVAILABLE = hasattr(torch.library, "register_fake")      # torch >= 2.4; before, the autograd functions are traced
@@ -58,7 +58,8 @@ def _code_tag() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     try:
-        for rel in ("compiled.py", "ops.py", "fused.py", "grouped.py", "kernels/merge.py", "kernels/swiglu.py"):
+        for rel in ("compiled.py", "ops.py", "wprime.py", "fused.py", "activation.py", "grouped.py",
+                    "kernels/merge.py", "kernels/swiglu.py"):
             with open(os.path.join(here, rel), "rb") as f:
                 h.update(f.read())
     except OSError:
@@ -221,7 +222,7 @@ class _MlpOp(torch.autograd.Function):
                                                              [need[0], *need[4:10]])
         dx, dA, dBg, dBu, dAd, dBd = (_some(g) for g in grads)
         ag, au = adapters[0], adapters[2]
-        dAg, dAu = ops.split_rows(dA, [ag, au], [need[4], need[6]])
+        dAg, dAu = wprime.split_rows(dA, [ag, au], [need[4], need[6]])
         dAu = None if dAu is None else _cast(dAu, au.dtype)
         return (dx, None, None, None, dAg, dBg, dAu, dBu, dAd, dBd, None, None, None)
 
@@ -301,7 +302,7 @@ class _SharedOp(torch.autograd.Function):
                                                                rest[2 * m:], ctx.scales, flags)
         dx, dA, *dBs = (_some(g) for g in out)
         dAs = [None if g is None else _cast(g, A.dtype)
-               for g, A in zip(ops.split_rows(dA, rest[m:2 * m], flags[1:1 + m]), rest[m:2 * m])]
+               for g, A in zip(wprime.split_rows(dA, rest[m:2 * m], flags[1:1 + m]), rest[m:2 * m])]
         return (dx, None) + (None,) * (2 * m) + tuple(dAs) + tuple(dBs) + (None,)
 
 

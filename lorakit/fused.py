@@ -52,7 +52,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import kernels, ops
+from . import ops, wprime
+from .activation import swiglu_backward, swiglu_forward
 from .ops import _cast
 from .layers import LoraLinear
 from .nodes import function_tree, hooked, model_modules, node_adapter, node_member
@@ -61,46 +62,12 @@ _FORWARD_OK: dict[type, bool] = {}
 _FUSED_CLASSES: dict[type, type] = {}
 
 
-# ---------------------------------------------------------------------------- the activation
-def swiglu_forward_reference(gu: Tensor) -> Tensor:
-    """h = silu(g) * u for gu = [g | u] (N, 2I); returns (N, I), computed in float32."""
-    i = gu.shape[1] // 2
-    g, u = gu[:, :i].float(), gu[:, i:].float()
-    return (g * torch.sigmoid(g) * u).to(gu.dtype)
-
-
-def swiglu_backward_reference(dh: Tensor, gu: Tensor) -> Tensor:
-    """[dg | du] (N, 2I) from dh (N, I) and gu; overwrites dh with h (as the Triton kernel does).
-
-    du = dh g s;  dg = dh u s (1 + g (1 - s)),  s = sigmoid(g).
-    """
-    i = gu.shape[1] // 2
-    g, u, d = gu[:, :i].float(), gu[:, i:].float(), dh.float()
-    s = torch.sigmoid(g)
-    silu = g * s
-    dgu = torch.empty_like(gu)
-    dgu[:, :i] = d * u * s * (1 + g * (1 - s))
-    dgu[:, i:] = d * silu
-    dh.copy_(silu * u)
-    return dgu
-
-
-def _swiglu_forward(gu: Tensor) -> Tensor:
-    k = kernels.load("swiglu") if gu.is_cuda else None
-    return k.swiglu_forward(gu) if k is not None else swiglu_forward_reference(gu)
-
-
-def _swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
-    k = kernels.load("swiglu") if gu.is_cuda else None
-    return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
-
-
 # ---------------------------------------------------------------------------- the node
 def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, bu: Tensor,
                     sg: float, su: float, append_a: bool = False) -> Tensor:
     """[Wg + sg Bg Ag ; Wu + su Bu Au]: (2I, H), then [Ag; Au] as rows when ``append_a``
-    (``ops.stacked_merged_weight``: one launch on the GPU)."""
-    return ops.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
+    (``wprime.stacked_merged_weight``: one launch on the GPU)."""
+    return wprime.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
 
 
 def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[bool, bool, bool, bool]:
@@ -109,7 +76,7 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[boo
 
     Each site's big GEMM runs either with W' = W0 + s B A (built by a pass that reads W0 and
     writes W': 2 d k elements moved beyond the GEMM's own) and the factors appended to it
-    (``ops.stacked_merged_weight``: the rank-r product then costs nothing), or with W0 itself,
+    (``wprime.stacked_merged_weight``: the rank-r product then costs nothing), or with W0 itself,
     accumulating onto s (rank-r product) B^T written first into its output: one write and, in
     the GEMM's epilogue, one read of the (N, d) output (``c`` of a pass), plus the rank-r GEMM's
     read of its input, which no longer rides in the big GEMM (``ops.EPILOGUE_READ``: c = 0.5). Per
@@ -159,11 +126,11 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
         xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
         _beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
         _beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
-    h = _swiglu_forward(gu[:, :2 * i])                                      # (N, I)
+    h = swiglu_forward(gu[:, :2 * i])                                      # (N, I)
     if f[1]:
         if not need_has:
-            return torch.mm(h, ops.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
-        yh = torch.mm(h, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_a=True).t())  # [y | h Ad^T]
+            return torch.mm(h, wprime.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
+        yh = torch.mm(h, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_a=True).t())  # [y | h Ad^T]
         return yh[:, :hid], gu, yh[:, hid:].clone()
     has = torch.mm(h, adc.t())                                              # h Ad^T (N, rd)
     y = x2.new_empty((n, hid + adc.shape[0]))[:, :hid] if need_has else x2.new_empty((n, hid))
@@ -187,15 +154,15 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
     gu = gu[:, :2 * i]
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
-        full = torch.mm(dy2, ops.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
+        full = torch.mm(dy2, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
     elif f[2]:
-        dh, gd = torch.mm(dy2, ops.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
+        dh, gd = torch.mm(dy2, wprime.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
     else:                                                                   # sd (dY Bd) Ad + dY Wd
         gd = torch.mm(dy2, bdc)
         dh = _beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
-    dgu = _swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
+    dgu = swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
     del dh, gd
     dx = dA = dBg = dBu = None
@@ -246,7 +213,7 @@ class _GatedMlpFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dA, dBg, dBu, dAd, dBd = mlp_backward(dy.reshape(-1, wg.shape[1]), x2, gu, has, wg, wu, wd, *adapters,
                                                   *ctx.scales, (need[0], *need[4:10]))
-        dAg, dAu = ops.split_rows(dA, [adapters[0], adapters[2]], [need[4], need[6]])
+        dAg, dAu = wprime.split_rows(dA, [adapters[0], adapters[2]], [need[4], need[6]])
         grads = [dAg, dBg, dAu, dBu, dAd, dBd]
         grads = [None if g is None else _cast(g, t) for g, t in zip(grads, ctx.dtypes)]
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *grads, None, None, None)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, wprime
 from .nodes import function_tree, model_modules, node_adapter, node_member
 from .layers import LoraLinear
 
@@ -163,7 +163,7 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
     last member (v) has its own GEMM and buffer either way: attention keeps v for its backward,
     and a slice would keep the whole buffer alive with it."""
     m = len(ws)
-    W = ops.stacked_merged_weight(ws, Bc, Ac, scales)                      # (D, k)
+    W = wprime.stacked_merged_weight(ws, Bc, Ac, scales)                      # (D, k)
     hd = W.shape[0] - ws[-1].shape[0]
     outs = []
     if m > 1 and views:
@@ -200,10 +200,10 @@ def shared_backward(dys, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, 
     same = all(s == scales[0] for s in scales)
     dx = gs = dA = None
     if need_x and any(need_a) and same:
-        full = torch.mm(dY2, ops.stacked_merged_weight(ws, Bc, Ac, scales, append_b=True))   # (N, k + R)
+        full = torch.mm(dY2, wprime.stacked_merged_weight(ws, Bc, Ac, scales, append_b=True))   # (N, k + R)
         dx, gs = full[:, :k].view(dY.shape[:-1] + (k,)), full[:, k:]        # dY W', [dy_i B_i]
     elif need_x:
-        dx = dY.matmul(ops.stacked_merged_weight(ws, Bc, Ac, scales))       # dY W'  (..., k)
+        dx = dY.matmul(wprime.stacked_merged_weight(ws, Bc, Ac, scales))       # dY W'  (..., k)
     if any(need_a):
         if gs is None:
             bd = torch.block_diag(*Bc) if same else torch.block_diag(*(B * s for B, s in zip(Bc, scales)))
@@ -253,7 +253,7 @@ class _SharedLinearFn(torch.autograd.Function):
         need_a = need[2 + 2 * m:2 + 3 * m]
         dx, dA, dBs = shared_backward(dys, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, need[0],
                                       need_a, need[2 + 3 * m:2 + 4 * m])
-        dAs = ops.split_rows(dA, rest[m:2 * m], need_a)
+        dAs = wprime.split_rows(dA, rest[m:2 * m], need_a)
         grads = [None if g is None else ops._cast(g, t) for g, t in zip(dAs + dBs, ctx.dtypes)]
         return (dx, None) + (None,) * (2 * m) + tuple(grads) + (None,)
 

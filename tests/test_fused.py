@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import fused
+from lorakit import activation, fused
 from conftest import (TOKENS64, CountCalls, assert_close, assert_no_less_accurate, loss_and_grads, randomize_adapters,
                       tiny_llama)
 
@@ -210,9 +210,9 @@ def test_swiglu_reference_gradients_match_autograd():
     dh = torch.randn(5, 6, dtype=torch.float64)
     h = torch.nn.functional.silu(gu[:, :6]) * gu[:, 6:]
     h.backward(dh)
-    assert torch.allclose(fused.swiglu_forward_reference(gu.detach()), h.detach())
+    assert torch.allclose(activation.swiglu_forward_reference(gu.detach()), h.detach())
     buf = dh.clone()
-    dgu = fused.swiglu_backward_reference(buf, gu.detach())
+    dgu = activation.swiglu_backward_reference(buf, gu.detach())
     assert torch.allclose(dgu, gu.grad) and torch.allclose(buf, h.detach())
 
 
@@ -300,10 +300,10 @@ def test_gpu_swiglu_kernels_match_reference(n, i):
     gen = torch.Generator(device="cuda").manual_seed(0)
     gu = torch.randn(n, 2 * i, device="cuda", generator=gen, dtype=torch.bfloat16) * 3
     dh = torch.randn(n, i, device="cuda", generator=gen, dtype=torch.bfloat16)
-    ref = fused.swiglu_forward_reference(gu)
+    ref = activation.swiglu_forward_reference(gu)
     assert (swiglu.swiglu_forward(gu).float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
     a, b = dh.clone(), dh.clone()
-    got, want = swiglu.swiglu_backward(a, gu), fused.swiglu_backward_reference(b, gu)
+    got, want = swiglu.swiglu_backward(a, gu), activation.swiglu_backward_reference(b, gu)
     assert (got.float() - want.float()).norm() <= 1e-2 * want.float().norm()
     assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()
     # later calls go through the compiled kernel's launcher (lorakit.kernels.launch): the same results

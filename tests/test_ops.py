@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from lorakit import ops
+from lorakit import ops, wprime
 
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
@@ -209,12 +209,12 @@ def test_merged_weights_with_appended_factors_cpu():
     ws = [torch.randn(d, 24, generator=g) for d in (16, 8)]
     Bs = [torch.randn(d, r, generator=g) for d, r in ((16, 4), (8, 2))]
     As = [torch.randn(r, 24, generator=g) for r in (4, 2)]
-    want = [ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, (0.5, 2.0))]
-    got = ops.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_a=True)
+    want = [wprime.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, (0.5, 2.0))]
+    got = wprime.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_a=True)
     assert torch.equal(got, torch.cat(want + As))
-    wb = ops.stacked_merged_weight(ws[:1], Bs[:1], As[:1], [0.5], append_b=True)
+    wb = wprime.stacked_merged_weight(ws[:1], Bs[:1], As[:1], [0.5], append_b=True)
     assert torch.equal(wb, torch.cat([want[0], Bs[0]], dim=1))
-    wbs = ops.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_b=True)           # [W' | blockdiag(B_1, B_2)]
+    wbs = wprime.stacked_merged_weight(ws, Bs, As, [0.5, 2.0], append_b=True)           # [W' | blockdiag(B_1, B_2)]
     assert torch.equal(wbs, torch.cat([torch.cat(want), torch.block_diag(*Bs)], dim=1))
 
 
@@ -387,7 +387,7 @@ def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
     B = (torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype)
     A = torch.randn(r, k, device="cuda", generator=g).to(dtype)
     want = torch.addmm(w.double(), B.double(), A.double(), alpha=0.75)
-    got = ops.merged_weight(w, B, A, 0.75)
+    got = wprime.merged_weight(w, B, A, 0.75)
     if r > 128:                                              # beyond the kernel's ranks: torch.addmm itself
         assert torch.equal(got, torch.addmm(w, B, A, alpha=0.75))
         return
@@ -398,12 +398,12 @@ def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
     else:
         assert got.dtype == dtype and (err <= 8e-3 * want.abs() + 1e-6).all()
     buf = torch.zeros(2 * d, k, device="cuda", dtype=dtype)  # writing into a half of a larger buffer
-    ops.merged_weight(w, B, A, 0.75, out=buf[d:])
+    wprime.merged_weight(w, B, A, 0.75, out=buf[d:])
     assert torch.equal(buf[d:], got) and not buf[:d].any()
     for _ in range(2):                                       # later calls: the compiled kernel's own launcher
-        assert torch.equal(ops.merged_weight(w, B, A, 0.75), got)
+        assert torch.equal(wprime.merged_weight(w, B, A, 0.75), got)
     want2 = torch.addmm(w.double(), B.double(), A.double(), alpha=-1.5)    # another scale, same launch
-    assert (ops.merged_weight(w, B, A, -1.5).double() - want2).abs().max() <= 8e-3 * want2.abs().max()
+    assert (wprime.merged_weight(w, B, A, -1.5).double() - want2).abs().max() <= 8e-3 * want2.abs().max()
 
 
 @pytest.mark.gpu
@@ -413,19 +413,19 @@ def test_gpu_merged_weight_kernel_matches_addmm(dtype, d, k, r):
                                      ((128, 30), 300, (8, 3)), ((192, 64, 7), 256, (16, 2, 5)),
                                      ((100, 64), 64, (4, 4))])
 def test_gpu_stacked_merged_weight_equals_one_merge_per_part(dtype, ds, k, rs):
-    """ops.stacked_merged_weight (one launch for q/k/v or gate/up; per-part launches when a part
+    """wprime.stacked_merged_weight (one launch for q/k/v or gate/up; per-part launches when a part
     but the last is not a multiple of the kernel's row block) equals merged_weight part by part."""
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(d, k, device="cuda", generator=g).to(dtype) for d in ds]
     Bs = [(torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype) for d, r in zip(ds, rs)]
     As = [torch.randn(r, k, device="cuda", generator=g).to(dtype) for r in rs]
     scales = [0.75, 2.0, -1.0][:len(ds)]
-    want = torch.cat([ops.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, scales)])
+    want = torch.cat([wprime.merged_weight(w, B, A, s) for w, B, A, s in zip(ws, Bs, As, scales)])
     for _ in range(3):                                       # the JIT, then the direct launches
-        assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales), want)
+        assert torch.equal(wprime.stacked_merged_weight(ws, Bs, As, scales), want)
         # the A's appended as rows, or blockdiag(B's) as columns, in the same launch
-        assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales, append_a=True), torch.cat([want, *As]))
-        assert torch.equal(ops.stacked_merged_weight(ws, Bs, As, scales, append_b=True),
+        assert torch.equal(wprime.stacked_merged_weight(ws, Bs, As, scales, append_a=True), torch.cat([want, *As]))
+        assert torch.equal(wprime.stacked_merged_weight(ws, Bs, As, scales, append_b=True),
                            torch.cat([want, torch.block_diag(*Bs)], dim=1))
 
 
@@ -440,11 +440,11 @@ def test_gpu_merged_weight_with_appended_factors(dtype, d, k, r):
     w = torch.randn(d, k, device="cuda", generator=g).to(dtype)
     B = (torch.randn(d, r, device="cuda", generator=g) * 0.1).to(dtype)
     A = torch.randn(r, k, device="cuda", generator=g).to(dtype)
-    want = ops.merged_weight(w, B, A, 0.75)
+    want = wprime.merged_weight(w, B, A, 0.75)
     for _ in range(3):
-        wb = ops.stacked_merged_weight([w], [B], [A], [0.75], append_b=True)
+        wb = wprime.stacked_merged_weight([w], [B], [A], [0.75], append_b=True)
         assert wb.shape == (d, k + r) and torch.equal(wb[:, :k], want) and torch.equal(wb[:, k:], B)
-        wa = ops.stacked_merged_weight([w], [B], [A], [0.75], append_a=True)
+        wa = wprime.stacked_merged_weight([w], [B], [A], [0.75], append_a=True)
         assert wa.shape == (d + r, k) and torch.equal(wa[:d], want) and torch.equal(wa[d:], A)
 
 

@@ -1,0 +1,50 @@
+"""The gated (SwiGLU) activation of the fused LoRA MLP (lorakit.fused): h = silu(g) * u for
+gu = [g | u] (N, 2I), and its gradient, which also recomputes h (the fused MLP keeps g and u,
+not h).
+
+``swiglu_forward`` / ``swiglu_backward`` run the Triton kernels on the GPU
+(``lorakit.kernels.swiglu``, one pass each) and the plain-PyTorch references elsewhere; the
+references compute in float32 and round once, as the kernels do, and GPU tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+
+def swiglu_forward_reference(gu: Tensor) -> Tensor:
+    """h = silu(g) * u for gu = [g | u] (N, 2I); returns (N, I), computed in float32."""
+    i = gu.shape[1] // 2
+    g, u = gu[:, :i].float(), gu[:, i:].float()
+    return (g * torch.sigmoid(g) * u).to(gu.dtype)
+
+
+def swiglu_backward_reference(dh: Tensor, gu: Tensor) -> Tensor:
+    """[dg | du] (N, 2I) from dh (N, I) and gu; overwrites dh with h (as the Triton kernel does).
+
+    du = dh g s;  dg = dh u s (1 + g (1 - s)),  s = sigmoid(g).
+    """
+    i = gu.shape[1] // 2
+    g, u, d = gu[:, :i].float(), gu[:, i:].float(), dh.float()
+    s = torch.sigmoid(g)
+    silu = g * s
+    dgu = torch.empty_like(gu)
+    dgu[:, :i] = d * u * s * (1 + g * (1 - s))
+    dgu[:, i:] = d * silu
+    dh.copy_(silu * u)
+    return dgu
+
+
+def swiglu_forward(gu: Tensor) -> Tensor:
+    """h (N, I) for gu = [g | u] (N, 2I) with unit column stride."""
+    k = kernels.load("swiglu") if gu.is_cuda else None
+    return k.swiglu_forward(gu) if k is not None else swiglu_forward_reference(gu)
+
+
+def swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
+    """[dg | du] (N, 2I); overwrites dh with h."""
+    k = kernels.load("swiglu") if gu.is_cuda else None
+    return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
