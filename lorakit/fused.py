@@ -94,14 +94,6 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[boo
             2 * h * i <= n * (i * (1 + c) + h), 4 * i * h <= n * h * (2 + 2 * c))
 
 
-def _beside_into(out: Tensor, xa: Tensor, B: Tensor, scale: float, x: Tensor, W: Tensor) -> Tensor:
-    """out = s xa B^T + x W (written into ``out``, which may be a column slice): the rank-r GEMM
-    writes out, then the big GEMM adds onto it (beta = 1: read in its epilogue). ``W`` as the
-    GEMM reads it (W0^T forward, W0 backward). Returns out."""
-    torch.addmm(out, xa, B.t(), beta=0, alpha=scale, out=out)             # beta = 0: out's contents ignored
-    return out.addmm_(x, W)
-
-
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
                 need_xas: bool, need_has: bool, forms: Optional[tuple[bool, ...]] = None
                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -124,9 +116,9 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
         rg = agc.shape[0]
         gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas else 0)))
         xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
-        _beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
-        _beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
-    h = swiglu_forward(gu[:, :2 * i])                                      # (N, I)
+        ops.beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
+        ops.beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
+    h = swiglu_forward(gu[:, :2 * i])                                       # (N, I)
     if f[1]:
         if not need_has:
             return torch.mm(h, wprime.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
@@ -134,7 +126,7 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
         return yh[:, :hid], gu, yh[:, hid:].clone()
     has = torch.mm(h, adc.t())                                              # h Ad^T (N, rd)
     y = x2.new_empty((n, hid + adc.shape[0]))[:, :hid] if need_has else x2.new_empty((n, hid))
-    return _beside_into(y, has, bdc, sd, h, wd.t()), gu, has if need_has else None
+    return ops.beside_into(y, has, bdc, sd, h, wd.t()), gu, has if need_has else None
 
 
 def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Tensor],
@@ -160,9 +152,9 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
         dh, gd = torch.mm(dy2, wprime.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
     else:                                                                   # sd (dY Bd) Ad + dY Wd
         gd = torch.mm(dy2, bdc)
-        dh = _beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
+        dh = ops.beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
-    dgu = swiglu_backward(dh, gu)                                          # [dg | du] (N, 2I); dh := h
+    dgu = swiglu_backward(dh, gu)                                           # [dg | du] (N, 2I); dh := h
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
     del dh, gd
     dx = dA = dBg = dBu = None
@@ -175,7 +167,7 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
         if need_ag or need_au:
             dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
         if need_x and not f[3]:                                             # s gs [Ag; Au] + dg Wg + du Wu
-            dx = _beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
+            dx = ops.beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
                               dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
     if need_bg or need_bu:                                                  # contiguous (I, r) results
         dBg = torch.addmm(bgc, dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=sg)   # sg dg^T (x Ag^T)

@@ -170,14 +170,24 @@ def linear_forward(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Option
 
 
 def beside(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, B: Tensor, scale: float) -> Tensor:
-    """x W0^T + b + s xa B^T, (..., d): the rank-r GEMM writes b + s xa B^T into the output, then
-    the big GEMM accumulates onto it (beta = 1: the output read in its epilogue, one pass fewer
-    than adding the low-rank term afterwards)."""
+    """x W0^T + b + s xa B^T, (..., d), by ``beside_into`` a new output."""
     d, r = B.shape
-    xa2 = xa.reshape(-1, r)
-    out = torch.addmm(bias, xa2, B.t(), alpha=scale) if bias is not None else \
-        torch.addmm(xa2[:, :1], xa2, B.t(), beta=0, alpha=scale)            # (N, d); beta = 0: c ignored
-    return out.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(x.shape[:-1] + (d,))
+    x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, r)
+    out = x2.new_empty((x2.shape[0], d))
+    return beside_into(out, xa2, B, scale, x2, weight.t(), bias).view(x.shape[:-1] + (d,))
+
+
+def beside_into(out: Tensor, xa: Tensor, B: Tensor, scale: float, x: Tensor, W: Tensor,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """out = b + s xa B^T + x W, written into ``out`` (2-D; a column slice is fine): the rank-r
+    GEMM writes b + s xa B^T, then the big GEMM accumulates onto it (beta = 1: out is read in
+    its epilogue, one pass fewer than adding the low-rank term afterwards). ``W`` as the GEMM
+    reads it (W0^T forward, W0 backward). Returns out."""
+    if bias is None:
+        torch.addmm(out, xa, B.t(), beta=0, alpha=scale, out=out)         # beta = 0: out's contents ignored
+    else:
+        torch.addmm(bias, xa, B.t(), alpha=scale, out=out)
+    return out.addmm_(x, W)
 
 
 def linear_backward(dy: Tensor, xd: Optional[Tensor], xa: Optional[Tensor], weight: Tensor, Ac: Tensor, Bc: Tensor,
