@@ -58,9 +58,8 @@ def _code_tag() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
     try:
-        for rel in ("compiled.py", "ops.py", "wprime.py", "fused.py", "activation.py", "grouped.py",
-                    "kernels/merge.py", "kernels/swiglu.py"):
-            with open(os.path.join(here, rel), "rb") as f:
+        for rel in ("compiled", "ops", "wprime", "fused", "activation", "grouped", "kernels/merge", "kernels/swiglu"):
+            with open(os.path.join(here, rel + ".py"), "rb") as f:
                 h.update(f.read())
     except OSError:
         from importlib.metadata import PackageNotFoundError, version
