@@ -125,6 +125,14 @@ def cuda_graph(fn: Callable[[], object], calls: int) -> "torch.cuda.CUDAGraph":
     return g
 
 
+def graph_times(fns: dict, rounds: int, calls: int) -> dict:
+    """{variant: median GPU ms per call}: ``calls`` back-to-back calls captured in one CUDA graph
+    per variant (``cuda_graph``), replays timed with CUDA events, rounds interleaved."""
+    graphs = {name: cuda_graph(f, calls) for name, f in fns.items()}
+    ts = interleaved({n: cuda_timer(g.replay, 1) for n, g in graphs.items()}, rounds)
+    return {n: median(v) / calls for n, v in ts.items()}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

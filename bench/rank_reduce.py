@@ -129,14 +129,6 @@ def sites(size: str, r: int) -> list[tuple[str, int, int, int]]:
             ("dA down (h)", n, m, r), ("dB down (dY)", n, h, r)]
 
 
-def time_graphs(fns: dict, rounds: int, calls: int) -> dict:
-    """{variant: median GPU ms per call}: ``calls`` back-to-back calls captured in one CUDA graph
-    per variant, replays timed with CUDA events, rounds interleaved."""
-    graphs = {name: common.cuda_graph(f, calls) for name, f in fns.items()}
-    ts = common.interleaved({n: common.cuda_timer(g.replay, 1) for n, g in graphs.items()}, rounds)
-    return {n: common.median(v) / calls for n, v in ts.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", default="1,4,8,16")
@@ -158,7 +150,7 @@ def main(argv=None) -> int:
                     fns[key] = (lambda S=S, one=one: reduce_rows(P, Q, 2.0, out, S, one))
                     got = fns[key]().double()
                     errs[key] = ((got - want).abs().max() / want.abs().max()).item()
-            t = time_graphs(fns, args.rounds, args.calls)
+            t = common.graph_times(fns, args.rounds, args.calls)
             gb = P.numel() * 2 / 1e9
             row = dict(size=size, site=name, N=N, M=M, R=R, cublas_us=t["cublas"] * 1e3,
                        cublas_tb_s=gb / t["cublas"])

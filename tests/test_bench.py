@@ -159,3 +159,19 @@ def test_mlp_forms_main_runs_every_form_end_to_end(tmp_path, monkeypatch):
             for a, w in zip(out, ref):
                 assert (a - w).abs().max() <= 1e-4 * w.abs().max()
     assert fused.mlp_forms(512, 1536, 576) == (False, False, False, False)
+
+
+def test_swiglu_lora_reference_is_the_activation_plus_the_low_rank_terms():
+    """bench/swiglu_lora.py's float32 reference: with zero factors it is lorakit's SwiGLU (forward
+    and gradient); with factors, the SwiGLU of g0 + sg xag Bg^T and u0 + su xau Bu^T."""
+    from bench import swiglu_lora
+    from lorakit import activation
+    n, i, r = 7, 24, 3
+    t = swiglu_lora.inputs(n, i, r, "cpu", torch.float32)
+    gu, bt, dh = t["gu"], t["bt"], t["dh"]
+    h, dgu = swiglu_lora.reference(gu, bt, r, 0.7, 1.3, dh, t["gd"], torch.zeros_like(t["ad"]))
+    g = gu[:, :i] + 0.7 * gu[:, 2 * i:2 * i + r] @ bt[:r]
+    u = gu[:, i:2 * i] + 1.3 * gu[:, 2 * i + r:] @ bt[r:]
+    plain = torch.cat([g, u], dim=1)
+    assert torch.allclose(h, activation.swiglu_forward_reference(plain), atol=1e-6)
+    assert torch.allclose(dgu, activation.swiglu_backward_reference(dh.clone(), plain), atol=1e-6)
