@@ -27,7 +27,7 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
-#   bash bench/h200.sh s12a        # next: bench/swiglu_lora.py, SwiGLU kernels adding the LoRA terms with the plain
+#   bash bench/h200.sh s12a        # next: GPU tests of the session-7 end state; bench/swiglu_lora.py, SwiGLU kernels adding the LoRA terms with the plain
 #                                   # kernels' layout (ROWS x BLOCK, rank loop not unrolled): correctness, GPU time
 #   bash bench/h200.sh s11a        # SwiGLU kernels adding the low-rank terms as r outer products (no tl.dot):
 #                                   # their GPU tests, mlp_forms, 8B and 1B steps with and without (+plain-act).
@@ -177,6 +177,8 @@ case "${1:-}" in
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
     ;;
   s12a)
+    timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_compiled.py \
+      tests/test_grouped.py tests/test_ops.py 2>&1 | tail -4 | tee -a "$LOG"
     timeout 200 python3 bench/swiglu_lora.py --out $R/swiglu_lora_h200 2>&1 | tee -a "$LOG"
     ;;
   s11a)
