@@ -57,6 +57,16 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _gate_up(gu_ptr, bt_ptr, rows, cols, mr, mc, m, I, s_gu, s_bt, sg, su, RG: tl.constexpr, RU: tl.constexpr):
+        """(g, u) float32 tiles: g0, u0 from gu = [g0 | u0 | xag | xau] plus their low-rank terms."""
+        off = rows[:, None] * s_gu + cols[None, :]
+        g = tl.load(gu_ptr + off, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + off + I, mask=m, other=0.0).to(tl.float32)
+        g = _add_lowrank(g, gu_ptr + 2 * I, s_gu, bt_ptr, s_bt, rows, cols, mr, mc, sg, RG)
+        u = _add_lowrank(u, gu_ptr + 2 * I + RG, s_gu, bt_ptr + RG * s_bt, s_bt, rows, cols, mr, mc, su, RU)
+        return g, u
+
+    @triton.jit
     def _fwd_kernel(gu_ptr, bt_ptr, h_ptr, N, I, s_gu, s_bt, s_h, sg, su,
                     RG: tl.constexpr, RU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """h = silu(g) u with g = g0 + sg xag Bg^T, u = u0 + su xau Bu^T; gu = [g0 | u0 | xag | xau],
@@ -65,11 +75,7 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mr, mc = rows < N, cols < I
         m = mr[:, None] & mc[None, :]
-        off = rows[:, None] * s_gu + cols[None, :]
-        g = tl.load(gu_ptr + off, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + off + I, mask=m, other=0.0).to(tl.float32)
-        g = _add_lowrank(g, gu_ptr + 2 * I, s_gu, bt_ptr, s_bt, rows, cols, mr, mc, sg, RG)
-        u = _add_lowrank(u, gu_ptr + 2 * I + RG, s_gu, bt_ptr + RG * s_bt, s_bt, rows, cols, mr, mc, su, RU)
+        g, u = _gate_up(gu_ptr, bt_ptr, rows, cols, mr, mc, m, I, s_gu, s_bt, sg, su, RG, RU)
         h = g * tl.sigmoid(g) * u
         tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=m)
 
@@ -85,11 +91,7 @@ if triton is not None:
         off_dh = rows[:, None] * s_dh + cols[None, :]
         dh = tl.load(dh_ptr + off_dh, mask=m, other=0.0).to(tl.float32)
         dh = _add_lowrank(dh, gd_ptr, s_gd, ad_ptr, s_ad, rows, cols, mr, mc, sd, RD)
-        off = rows[:, None] * s_gu + cols[None, :]
-        g = tl.load(gu_ptr + off, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + off + I, mask=m, other=0.0).to(tl.float32)
-        g = _add_lowrank(g, gu_ptr + 2 * I, s_gu, bt_ptr, s_bt, rows, cols, mr, mc, sg, RG)
-        u = _add_lowrank(u, gu_ptr + 2 * I + RG, s_gu, bt_ptr + RG * s_bt, s_bt, rows, cols, mr, mc, su, RU)
+        g, u = _gate_up(gu_ptr, bt_ptr, rows, cols, mr, mc, m, I, s_gu, s_bt, sg, su, RG, RU)
         s = tl.sigmoid(g)
         silu = g * s
         ty = dgu_ptr.dtype.element_ty
