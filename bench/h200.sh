@@ -27,6 +27,11 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s12d        # packed weights: 1B eager and compiled, 8B compiled (bound, lorakit, +unpacked)
+#   bash bench/h200.sh s12c        # packed MLP weights, the sites not merged augmented: GPU tests, mlp_forms (packed
+#                                   # rows), 8B eager: bound, lorakit, lorakit+unpacked
+#   bash bench/h200.sh s12b        # bench/augmented.py: the fused MLP with K-augmented GEMMs (W0 and the factors in one
+#                                   # buffer, one GEMM per site), checked and timed against the node and the frozen MLP
 #   bash bench/h200.sh s12a        # next: GPU tests of the session-7 end state; bench/swiglu_lora.py, SwiGLU kernels adding the LoRA terms with the plain
 #                                   # kernels' layout (ROWS x BLOCK, rank loop not unrolled): correctness, GPU time
 #   bash bench/h200.sh s11a        # SwiGLU kernels adding the low-rank terms as r outer products (no tl.dot):
@@ -175,6 +180,24 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s12c)
+    timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_packed.py tests/test_fused.py \
+      tests/test_compiled.py tests/test_ops.py tests/test_adapters.py 2>&1 | tail -4 | tee -a "$LOG"
+    timeout 80 python3 bench/mlp_forms.py --out $R/mlp_forms_h200_s12c 2>&1 | tee -a "$LOG"
+    timeout 190 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,lorakit+unpacked}" --out $R/train_step_8b_h200_s12c 2>&1 | tee -a "$LOG"
+    ;;
+  s12d)
+    timeout 230 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+unpacked,bound+compile,lorakit+compile}" \
+      --out $R/train_step_1b_h200_s12d 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound+compile,lorakit+compile,lorakit+unpacked+compile}" \
+      --out $R/train_step_8b_h200_s12d 2>&1 | tee -a "$LOG"
+    ;;
+  s12b)
+    timeout 300 python3 bench/augmented.py --out $R/augmented_h200 2>&1 | tee -a "$LOG"
     ;;
   s12a)
     timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_compiled.py \

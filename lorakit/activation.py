@@ -9,6 +9,8 @@ references compute in float32 and round once, as the kernels do, and GPU tests c
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -38,13 +40,20 @@ def swiglu_backward_reference(dh: Tensor, gu: Tensor) -> Tensor:
     return dgu
 
 
-def swiglu_forward(gu: Tensor) -> Tensor:
-    """h (N, I) for gu = [g | u] (N, 2I) with unit column stride."""
+def swiglu_forward(gu: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """h (N, I) for gu = [g | u] (N, 2I) with unit column stride; written into ``out`` when
+    given (an (N, I) column slice of a wider buffer is fine)."""
     k = kernels.load("swiglu") if gu.is_cuda else None
-    return k.swiglu_forward(gu) if k is not None else swiglu_forward_reference(gu)
+    if k is not None:
+        return k.swiglu_forward(gu, out)
+    h = swiglu_forward_reference(gu)
+    return h if out is None else out.copy_(h)
 
 
-def swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
-    """[dg | du] (N, 2I); overwrites dh with h."""
+def swiglu_backward(dh: Tensor, gu: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """[dg | du] (N, 2I), written into ``out`` when given; overwrites dh with h."""
     k = kernels.load("swiglu") if gu.is_cuda else None
-    return k.swiglu_backward(dh, gu) if k is not None else swiglu_backward_reference(dh, gu)
+    if k is not None:
+        return k.swiglu_backward(dh, gu, out)
+    dgu = swiglu_backward_reference(dh, gu)
+    return dgu if out is None else out.copy_(dgu)

@@ -41,10 +41,15 @@ FORMS = {"merged": (True,) * 4, "beside": (False,) * 4, "mixed": (True, False, T
          "mixed2": (False, True, False, True)}
 
 
-@pytest.fixture(params=list(FORMS))
+@pytest.fixture(params=["merged", "beside", "mixed", "mixed2", "augmented", "mixed-packed", "mixed2-packed"])
 def forms(request, monkeypatch):
-    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: FORMS[request.param])
-    return FORMS[request.param]
+    """Every site form forced: merged or beside W0, or augmented (the sites not merged, with the base
+    weights packed: lorakit.packed; ``PACK`` off leaves them contiguous, so those sites run beside)."""
+    name = {"augmented": "beside"}.get(request.param, request.param.replace("-packed", ""))
+    packed = request.param == "augmented" or request.param.endswith("-packed")
+    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: FORMS[name])
+    monkeypatch.setattr(fused, "PACK", packed)
+    return FORMS[name]
 
 
 def fused_vs_unfused(model, ids=IDS):

@@ -19,6 +19,8 @@ Everything is computed in float32 and rounded once to the storage dtype. One pro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -70,21 +72,23 @@ def _direct(kernel, n: int, i: int, tensors: tuple[Tensor, ...]):
     return run
 
 
-def swiglu_forward(gu: Tensor) -> Tensor:
-    """h = silu(g) * u for gu (N, 2I) with unit column stride; returns h (N, I)."""
+def swiglu_forward(gu: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """h = silu(g) * u for gu (N, 2I) with unit column stride; returns h (N, I), written into
+    ``out`` when given (unit column stride; a column slice of a wider buffer is fine)."""
     n, two_i = gu.shape
     i = two_i // 2
-    h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
+    h = torch.empty((n, i), dtype=gu.dtype, device=gu.device) if out is None else out
     if n:
         _direct(_fwd_kernel, n, i, (gu, h))(gu, h, i, gu.stride(0), h.stride(0))
     return h
 
 
-def swiglu_backward(dh: Tensor, gu: Tensor) -> Tensor:
-    """Returns dgu (N, 2I) = [dg | du]; overwrites dh (N, I) with h = silu(g) * u."""
+def swiglu_backward(dh: Tensor, gu: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Returns dgu (N, 2I) = [dg | du] (written into ``out`` when given, unit column stride);
+    overwrites dh (N, I) with h = silu(g) * u."""
     n, two_i = gu.shape
     i = two_i // 2
-    dgu = torch.empty((n, two_i), dtype=gu.dtype, device=gu.device)
+    dgu = torch.empty((n, two_i), dtype=gu.dtype, device=gu.device) if out is None else out
     if n:
         _direct(_bwd_kernel, n, i, (dh, gu, dgu))(dh, gu, dgu, i, dh.stride(0), gu.stride(0), dgu.stride(0))
     return dgu
