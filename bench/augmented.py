@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common, mlp_forms  # noqa: E402
-from lorakit import activation, fused  # noqa: E402
+from lorakit import activation, fused, packed  # noqa: E402
 
 
 def _up(r: int, pad: int) -> int:
@@ -137,6 +137,18 @@ def check(t: dict, pad: int) -> float:
     return err
 
 
+def no_refresh(fn):
+    """fn with lorakit.packed.refresh a no-op (the tails already hold the factors)."""
+    def run():
+        saved = packed.refresh
+        packed.refresh = lambda *a: None
+        try:
+            return fn()
+        finally:
+            packed.refresh = saved
+    return run
+
+
 def rows_for(size: str, t: dict, pads: list[int], rounds: int, calls: int) -> list[dict]:
     bf, bb = mlp_forms.bound_fns(t)
     ad = mlp_forms.adapters(t)
@@ -149,6 +161,17 @@ def rows_for(size: str, t: dict, pads: list[int], rounds: int, calls: int) -> li
         fns[f"augmented fwd, pad {pad}"] = (lambda fgu=fgu, fd=fd: aug_forward(t["x"], fgu, fd, *ad, 2.0, 2.0, 2.0))
         fns[f"augmented bwd, pad {pad}"] = (lambda fgu=fgu, fd=fd, xaug=xaug, gu=gu, has=has:
                                             aug_backward(t["dy"], xaug, gu, has, fgu, fd, *ad, 2.0, 2.0, 2.0))
+    for pad in pads:                                          # the library's node on packed weights
+        wp = packed.packed_copies(*w, 2 * ad[0].shape[0], ad[4].shape[0], align=pad)
+        need = (True,) * 7
+        _, gu, has = fused.mlp_forward(t["x"], *wp, *ad, 2.0, 2.0, 2.0, True, True, forms=(False,) * 4)
+        fns[f"library fwd, pad {pad}"] = (lambda wp=wp: fused.mlp_forward(t["x"], *wp, *ad, 2.0, 2.0, 2.0, True, True,
+                                                                          forms=(False,) * 4))
+        fns[f"library bwd, pad {pad}"] = (lambda wp=wp, gu=gu, has=has: fused.mlp_backward(
+            t["dy"], t["x"], gu, has, *wp, *ad, 2.0, 2.0, 2.0, need, forms=(False,) * 4))
+        if pad == pads[0]:                                    # the same without the factors' copy into the tails
+            fns["library fwd, no refresh"] = no_refresh(fns[f"library fwd, pad {pad}"])
+            fns["library bwd, no refresh"] = no_refresh(fns[f"library bwd, pad {pad}"])
     for f in fns.values():
         for _ in range(2):
             f()

@@ -27,6 +27,8 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s12e        # GPU tests of packed weights and the decode kernel (s12c's timed out unreported);
+#                                   # bench/augmented.py with the library's packed node beside the experiment's
 #   bash bench/h200.sh s12d        # packed weights: 1B eager and compiled, 8B compiled (bound, lorakit, +unpacked)
 #   bash bench/h200.sh s12c        # packed MLP weights, the sites not merged augmented: GPU tests, mlp_forms (packed
 #                                   # rows), 8B eager: bound, lorakit, lorakit+unpacked
@@ -180,6 +182,11 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s12e)
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_packed.py tests/test_ops.py \
+      tests/test_adapters.py > $OUT/tests.txt 2>&1; tail -40 $OUT/tests.txt | tee -a "$LOG"
+    timeout 150 python3 bench/augmented.py --out $R/augmented_h200_s12e 2>&1 | tee -a "$LOG"
     ;;
   s12c)
     timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_packed.py tests/test_fused.py \

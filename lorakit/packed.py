@@ -101,10 +101,12 @@ def pack(gate: nn.Module, up: nn.Module, down: nn.Module, r_gu: int, r_d: int) -
     return True
 
 
-def packed_copies(wg: Tensor, wu: Tensor, wd: Tensor, r_gu: int, r_d: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Copies of wg (I, H), wu, wd (H, I) as views of new packed buffers (zero tails)."""
+def packed_copies(wg: Tensor, wu: Tensor, wd: Tensor, r_gu: int, r_d: int, align: int = TAIL_ALIGN
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Copies of wg (I, H), wu, wd (H, I) as views of new packed buffers (zero tails rounded up to
+    multiples of ``align``)."""
     i, h = wg.shape
-    t, td = tail(r_gu), tail(r_d)
+    t, td = -(-r_gu // align) * align, -(-r_d // align) * align
     fgu = wg.new_zeros((2 * i + t, h + t))
     fgu[:i, :h] = wg
     fgu[i:2 * i, :h] = wu
