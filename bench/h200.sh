@@ -27,6 +27,8 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s12f        # packed weights with the factors written just before use (B's forward, A's backward):
+#                                   # GPU tests, bench/augmented.py 8B, 8B and 1B eager with and without packing
 #   bash bench/h200.sh s12e        # GPU tests of packed weights and the decode kernel (s12c's timed out unreported);
 #                                   # bench/augmented.py with the library's packed node beside the experiment's
 #   bash bench/h200.sh s12d        # packed weights: 1B eager and compiled, 8B compiled (bound, lorakit, +unpacked)
@@ -182,6 +184,15 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s12f)
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_packed.py tests/test_ops.py \
+      -k "packed or few_rows" 2>&1 | tail -8 | tee -a "$LOG"
+    timeout 190 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,lorakit+unpacked}" --out $R/train_step_8b_h200_s12f 2>&1 | tee -a "$LOG"
+    timeout 60 python3 bench/augmented.py --sizes 8b --out $R/augmented_h200_s12f 2>&1 | tail -14 | tee -a "$LOG"
+    timeout 150 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+unpacked}" --out $R/train_step_1b_h200_s12f 2>&1 | tee -a "$LOG"
     ;;
   s12e)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_packed.py tests/test_ops.py \

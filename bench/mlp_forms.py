@@ -111,7 +111,7 @@ def epilogue_rows(size: str, t: dict, rounds: int, calls: int) -> list[dict]:
 def packed_tensors(t: dict) -> dict:
     """``t`` with the MLP weights packed (lorakit.packed): the sites not merged run augmented."""
     r = t["ag"].shape[0]
-    wg, wu, wd = packed.packed_copies(t["wg"], t["wu"], t["wd"], 2 * r, r)
+    wg, wu, wd = packed.packed_copies(t["wg"], t["wu"], t["wd"], r, r)
     return dict(t, wg=wg, wu=wu, wd=wd)
 
 
@@ -134,7 +134,7 @@ def node_rows(size: str, t: dict, rounds: int, calls: int) -> list[dict]:
     m = {k: common.median(v) for k, v in ts.items()}
     n, (i, h), r = t["x"].shape[0], t["wg"].shape, t["ag"].shape[0]
     choice = fused.mlp_forms(n, i, h)
-    choice_packed = fused.mlp_forms(n, i, h, tails=(packed.tail(2 * r), packed.tail(r)))
+    choice_packed = fused.mlp_forms(n, i, h, tails=(2 * packed.tail(r), packed.tail(r)))
     rows = []
     for direction, table, bound, sl in (("fwd", FWD, m["bound fwd"], slice(0, 2)),
                                         ("bwd", BWD, m["bound bwd"], slice(2, 4))):

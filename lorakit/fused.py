@@ -120,31 +120,38 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ,
 
 
 def _packs(wg, wu, wd, agc, auc, adc) -> Optional[tuple[Tensor, Tensor]]:
-    return packed.buffers(wg, wu, wd, agc.shape[0] + auc.shape[0], adc.shape[0])
+    return packed.buffers(wg, wu, wd, max(agc.shape[0], auc.shape[0]), adc.shape[0])
 
 
 def _tails(packs: Optional[tuple[Tensor, Tensor]], hid: int, i: int) -> Optional[tuple[int, int]]:
     return None if packs is None else (packs[0].shape[1] - hid, packs[1].shape[1] - i)
 
 
-def _scale_cols(dst: Tensor, src: Tensor, rg: int, sg: float, su: float) -> Tensor:
-    """dst = src with its first rg columns times sg, the rest times su (both (N, r))."""
-    if sg == su:
-        return torch.mul(src, sg, out=dst)
-    torch.mul(src[:, :rg], sg, out=dst[:, :rg])
-    torch.mul(src[:, rg:], su, out=dst[:, rg:])
-    return dst
-
-
-def _augmented(x2: Tensor, width: int, tail_of: Tensor) -> tuple[Tensor, Tensor]:
-    """([x | tail | 0] (N, width) with x copied in, its tail (N, r) view to fill): K-augmented input."""
+def _augmented(x2: Tensor, width: int, filled: list[tuple[int, int]]) -> Tensor:
+    """A K-augmented input (N, width): x in the first columns, zeros in the tail's columns outside
+    ``filled`` (column ranges [lo, hi) that the caller writes)."""
     n, k = x2.shape
-    r = tail_of.shape[-1]
     aug = x2.new_empty((n, width))
     aug[:, :k].copy_(x2)
-    if width > k + r:
-        aug[:, k + r:].zero_()
-    return aug, aug[:, k:k + r]
+    zero_gaps(aug, k, filled)
+    return aug
+
+
+def zero_gaps(aug: Tensor, lo: int, filled: list[tuple[int, int]]) -> None:
+    """Zero the columns of ``aug`` from ``lo`` on that no range of ``filled`` covers."""
+    for a, b in sorted(filled) + [(aug.shape[1], aug.shape[1])]:
+        if a > lo:
+            aug[:, lo:a].zero_()
+        lo = max(lo, b)
+
+
+def _gu_tails(aug: Tensor, lo: int, th: int, src: Tensor, rg: int, sg: float, su: float) -> None:
+    """aug[:, lo:lo + rg] = sg src[:, :rg] and aug[:, lo + th:...] = su src[:, rg:] (src (N, rg + ru))."""
+    if sg == su and rg == th:
+        torch.mul(src, sg, out=aug[:, lo:lo + src.shape[1]])
+        return
+    torch.mul(src[:, :rg], sg, out=aug[:, lo:lo + rg])
+    torch.mul(src[:, rg:], su, out=aug[:, lo + th:lo + th + src.shape[1] - rg])
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
@@ -164,17 +171,17 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     n, rg, rgu, rd = x2.shape[0], agc.shape[0], agc.shape[0] + auc.shape[0], adc.shape[0]
     packs = _packs(wg, wu, wd, agc, auc, adc)
     f = forms if forms is not None else mlp_forms(n, i, hid, tails=_tails(packs, hid, i))
-    if packs is not None and not (f[0] and f[1]):
-        packed.refresh(*packs, agc, bgc, auc, buc, adc, bdc)
+    if packs is not None and not (f[0] and f[1]):                           # the B's the GEMMs below read
+        packed.write_b(*packs, None if f[0] else bgc, None if f[0] else buc, None if f[1] else bdc)
     if f[0]:
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
     else:
         gu = x2.new_empty((n, 2 * i + (rgu if need_xas else 0)))
-        a_gu = torch.cat([agc, auc]) if packs is None else packs[0][2 * i:2 * i + rgu, :hid]   # [Ag; Au]
-        xas = torch.mm(x2, a_gu.t(), out=gu[:, 2 * i:] if need_xas else None)
-        if packs is not None:                                               # [x | sg xas_g | su xas_u] Fgu[:2I]^T
-            xaug, tail = _augmented(x2, packs[0].shape[1], xas)
-            _scale_cols(tail, xas, rg, sg, su)
+        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
+        if packs is not None:                                               # [x | sg xas_g 0 | su xas_u 0] Fgu[:2I]^T
+            th = packed.half(packs[0], hid)
+            xaug = _augmented(x2, packs[0].shape[1], [(hid, hid + rg), (hid + th, hid + th + rgu - rg)])
+            _gu_tails(xaug, hid, th, xas, rg, sg, su)
             torch.mm(xaug, packs[0][:2 * i].t(), out=gu[:, :2 * i])
             del xaug
         else:
@@ -195,8 +202,7 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     h = swiglu_forward(gu[:, :2 * i], out=haug[:, :i])
     has = torch.mm(h, adc.t())
     torch.mul(has, sd, out=haug[:, i:i + rd])
-    if haug.shape[1] > i + rd:
-        haug[:, i + rd:].zero_()
+    zero_gaps(haug, i + rd, [])
     return torch.mm(haug, packs[1][:hid].t(), out=y), gu, has if need_has else None
 
 
@@ -215,8 +221,9 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     n, rg, rgu = dy2.shape[0], agc.shape[0], agc.shape[0] + auc.shape[0]
     packs = _packs(wg, wu, wd, agc, auc, adc)
     f = forms if forms is not None else mlp_forms(n, i, hid, tails=_tails(packs, hid, i))
-    if packs is not None and not (f[2] and (f[3] or not need_x)):
-        packed.refresh(*packs, agc, bgc, auc, buc, adc, bdc)
+    aug_x = packs is not None and need_x and not f[3]                       # dx = [dgu | gs] Fgu[:, :H]
+    if packs is not None and (aug_x or not f[2]):                           # the A's the GEMMs below read
+        packed.write_a(*packs, agc if aug_x else None, auc if aug_x else None, None if f[2] else adc)
     xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
     gu = gu[:, :2 * i]
     s_gd = sd                                                               # the scale gd still lacks
@@ -226,7 +233,9 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     elif f[2]:
         dh, gd = torch.mm(dy2, wprime.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
     elif packs is not None:                                                 # [dY | sd dY Bd | 0] Fd[:, :I]
-        dyaug, gd = _augmented(dy2, packs[1].shape[0], bdc)
+        rd = adc.shape[0]
+        dyaug = _augmented(dy2, packs[1].shape[0], [(hid, hid + rd)])
+        gd = dyaug[:, hid:hid + rd]
         torch.addmm(gd, dy2, bdc, beta=0, alpha=sd, out=gd)
         dh, s_gd = torch.mm(dyaug, packs[1][:, :i]), 1.0
         del dyaug
@@ -234,7 +243,6 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
         gd = torch.mm(dy2, bdc)
         dh = ops.beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
-    aug_x = packs is not None and need_x and not f[3]                       # dx = [dgu | gs] Fgu[:, :H]
     dguaug = dy2.new_empty((n, packs[0].shape[0])) if aug_x else None
     dgu = swiglu_backward(dh, gu, out=None if dguaug is None else dguaug[:, :2 * i])   # [dg | du]; dh := h
     dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=s_gd) if need_ad else None   # sd (dY Bd)^T h: (rd, I)
@@ -245,13 +253,16 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     if need_ag or need_au or (need_x and not f[3]):
         same = sg == su
         if dguaug is not None:                                              # gs = [sg dg Bg | su du Bu], scaled
-            if dguaug.shape[1] > 2 * i + rgu:
-                dguaug[:, 2 * i + rgu:].zero_()
-            gs, s_gs = dguaug[:, 2 * i:2 * i + rgu], 1.0
+            th = packed.half(packs[0], hid)
+            zero_gaps(dguaug, 2 * i, [(2 * i, 2 * i + rg), (2 * i + th, 2 * i + th + rgu - rg)])
+            gs = dguaug[:, 2 * i:2 * i + rgu] if rg == th else dy2.new_empty((n, rgu))
             if same:
                 torch.addmm(gs, dgu, torch.block_diag(bgc, buc), beta=0, alpha=sg, out=gs)
             else:
                 torch.mm(dgu, torch.block_diag(bgc * sg, buc * su), out=gs)
+            if rg != th:                                                    # two halves of the tail
+                _gu_tails(dguaug, 2 * i, th, gs, rg, 1.0, 1.0)
+            s_gs = 1.0
         else:
             bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
             gs, s_gs = torch.mm(dgu, bd), sg if same else 1.0               # [dg Bg | du Bu] (N, rg + ru) (times s)
@@ -406,9 +417,9 @@ def _pack_for(g: LoraLinear, u: LoraLinear, d: LoraLinear, name: Optional[str] =
     w = [m._modules["base"]._parameters["weight"] for m in (g, u, d)]
     if name is not None:
         a = [m._modules["adapters"]._modules[name]._parameters["lora_A"].shape[0] for m in (g, u, d)]
-        if packed.buffers(*w, a[0] + a[1], a[2]) is not None:
+        if packed.buffers(*w, max(a[0], a[1]), a[2]) is not None:
             return False
-    return packed.pack(g, u, d, _ranks(g) + _ranks(u), _ranks(d))
+    return packed.pack(g, u, d, max(_ranks(g), _ranks(u)), _ranks(d))
 
 
 def _routed(model: nn.Module):

@@ -70,11 +70,12 @@ def test_inject_packs_the_mlp_weights_values_and_parameters_unchanged():
         assert is_packed(mlp) and all(w is p for w, p in zip(ws, ps))        # the same Parameter objects
         assert all(torch.equal(w, v) for w, v in zip(ws, want))
         i, h = ws[0].shape
-        assert ws[0].stride() == (h + 8, 1) and ws[2].stride() == (i + 8, 1)  # tails 4 + 4 -> 8 and 4 -> 8
+        assert ws[0].stride() == (h + 16, 1) and ws[2].stride() == (i + 8, 1)  # tails 2 x 8 (rank 4 each) and 8
         fgu, fd = packed.buffers(*ws, 8, 4)
-        assert fgu.shape == (2 * i + 8, h + 8) and fd.shape == (h + 8, i + 8)
+        assert fgu.shape == (2 * i + 16, h + 16) and fd.shape == (h + 8, i + 8)
         assert torch.equal(fgu[:i, :h], ws[0]) and torch.equal(fgu[i:2 * i, :h], ws[1])
         assert packed.buffers(*ws, 9, 4) is None and packed.buffers(*ws, 8, 9) is None   # too narrow
+        assert packed.dims(fgu, fd) == (i, h) and packed.half(fgu, h) == 8
         assert not any(w.requires_grad for w in ws)
 
 
@@ -94,23 +95,23 @@ def test_pack_is_idempotent_and_unpack_restores_contiguous_weights():
     assert all(is_packed(m) for m in mlps(model))
 
 
-def test_refresh_writes_the_factors_and_leaves_the_rest_of_the_tails_zero():
-    model = lora_llama(r=3)                                                   # tails 8 for ranks 6 and 3
+def test_writes_put_the_factors_in_their_halves_and_never_touch_the_rest():
+    model = lora_llama(r=3)                                                   # halves of 8 for rank 3, and 8
     mlp = mlps(model)[0]
-    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     ws = weights(mlp)
-    fgu, fd = packed.buffers(*ws, 6, 3)
-    fac = [m.adapters["default"] for m in (g, u, d)]
-    packed.refresh(fgu, fd, fac[0].lora_A, fac[0].lora_B, fac[1].lora_A, fac[1].lora_B, fac[2].lora_A,
-                   fac[2].lora_B)
+    fgu, fd = packed.buffers(*ws, 3, 3)
+    fac = [m.adapters["default"] for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    packed.write_b(fgu, fd, fac[0].lora_B, fac[1].lora_B, fac[2].lora_B)
+    packed.write_a(fgu, fd, fac[0].lora_A, fac[1].lora_A, fac[2].lora_A)
     i, h = ws[0].shape
-    assert torch.equal(fgu[:i, h:h + 3], fac[0].lora_B) and torch.equal(fgu[i:2 * i, h + 3:h + 6], fac[1].lora_B)
-    assert torch.equal(fgu[2 * i:2 * i + 3, :h], fac[0].lora_A) and torch.equal(fgu[2 * i + 3:2 * i + 6, :h],
-                                                                                fac[1].lora_A)
+    assert torch.equal(fgu[:i, h:h + 3], fac[0].lora_B) and torch.equal(fgu[i:2 * i, h + 8:h + 11], fac[1].lora_B)
+    assert torch.equal(fgu[2 * i:2 * i + 3, :h], fac[0].lora_A)
+    assert torch.equal(fgu[2 * i + 8:2 * i + 11, :h], fac[1].lora_A)
     assert torch.equal(fd[:h, i:i + 3], fac[2].lora_B) and torch.equal(fd[h:h + 3, :i], fac[2].lora_A)
-    zeros = [fgu[:i, h + 3:], fgu[i:2 * i, h:h + 3], fgu[i:2 * i, h + 6:], fgu[2 * i:, h:], fgu[2 * i + 6:],
-             fd[:h, i + 3:], fd[h:, i:], fd[h + 3:]]
+    zeros = [fgu[:i, h + 3:], fgu[i:2 * i, h:h + 8], fgu[i:2 * i, h + 11:], fgu[2 * i:, h:],
+             fgu[2 * i + 3:2 * i + 8], fgu[2 * i + 11:], fd[:h, i + 3:], fd[h:, i:], fd[h + 3:]]
     assert all(not z.any() for z in zeros)
+    packed.write_b(fgu, fd, None, None, None)                                 # nothing asked: nothing written
 
 
 # ---------------------------------------------------------------------------- the augmented form
@@ -162,18 +163,19 @@ def test_two_forwards_before_one_backward(augmented):
 
 
 def test_adapters_of_other_ranks_share_the_tails(augmented):
-    """Two adapters (r=4, r=2): packed for the larger, the smaller uses part of each tail; a third,
-    larger one added later widens the packing."""
+    """Two adapters (r=4, r=2): packed for the larger, the smaller uses part of each tail (the
+    larger's values stay beyond it, against zero columns); a third, larger one added later widens
+    the packing."""
     model = lora_llama()
     lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=ALL7), name="small")
     randomize_adapters(model, std=0.2)
-    for name in ("small", "default"):
+    for name in ("default", "small", "default", "small"):                  # stale tails of the larger rank
         lorakit.set_adapter(model, name)
         assert_close(loss_and_grads(model), unfused_reference(model), 1e-5)
     lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=ALL7), name="big")
     randomize_adapters(model, std=0.2)
     lorakit.set_adapter(model, "big")
-    assert all(weights(m)[0].stride(0) == 32 + 16 for m in mlps(model))
+    assert all(weights(m)[0].stride(0) == 32 + 2 * 8 and weights(m)[2].stride(0) == 64 + 8 for m in mlps(model))
     assert_close(loss_and_grads(model), unfused_reference(model), 1e-5)
 
 
@@ -197,8 +199,9 @@ def test_pack_off_leaves_the_weights_alone(monkeypatch):
 
 def test_compiled_node_runs_augmented_on_packed_weights(augmented, monkeypatch):
     calls = []
-    orig = packed.refresh
-    monkeypatch.setattr(packed, "refresh", lambda *a: calls.append(1) or orig(*a))
+    for fn in ("write_a", "write_b"):
+        orig = getattr(packed, fn)
+        monkeypatch.setattr(packed, fn, lambda *a, orig=orig, fn=fn: calls.append(fn) or orig(*a))
     model = lora_llama()
     mlp = mlps(model)[0]
     x = torch.randn(2, 32, 32, requires_grad=True)
@@ -206,7 +209,7 @@ def test_compiled_node_runs_augmented_on_packed_weights(augmented, monkeypatch):
     got.sum().backward()
     torch._dynamo.reset()
     gx, x.grad = x.grad.clone(), None
-    assert len(calls) == 2                                                   # forward and backward
+    assert calls == ["write_b", "write_a"]                                   # forward and backward
     want = mlp(x)
     want.sum().backward()
     assert torch.equal(got, want) and torch.equal(gx, x.grad)
