@@ -27,6 +27,7 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   (s12c-s12f ran lorakit.packed, removed after s12f: check out commit 582aad2 to rerun them)
 #   bash bench/h200.sh s12f        # packed weights with the factors written just before use (B's forward, A's backward):
 #                                   # GPU tests, bench/augmented.py 8B, 8B and 1B eager with and without packing
 #   bash bench/h200.sh s12e        # GPU tests of packed weights and the decode kernel (s12c's timed out unreported);

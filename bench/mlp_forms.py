@@ -1,16 +1,14 @@
-"""The fused MLP's four GEMM sites, merged, beside W0 or augmented, timed (``lorakit.fused.mlp_forms``).
+"""The fused MLP's four GEMM sites, merged or beside W0, timed (``lorakit.fused.mlp_forms``).
 
 Each site's big GEMM runs either with W' = W0 + s B A (a pass that reads W0 and writes W', the
 LoRA factors appended to W' so the rank-r products ride in the GEMM) or with W0 itself,
 accumulating onto s (rank-r product) B^T written first into its output (cuBLAS with beta = 1
-reads it in the epilogue), or, with the weights packed (``lorakit.packed``), as one GEMM whose K
-grows by the rank (augmented). Two tables:
+reads it in the epilogue). Two tables:
 
 * the epilogue read alone: ``mm(x, W)`` against ``out.addmm_(x, W)`` at each site's shape, and
   the difference as a fraction ``c`` of a plain pass over ``out`` (a copy's read half);
 * the node's forward and backward (``fused.mlp_forward``, ``fused.mlp_backward``) with each
-  site's form forced, on contiguous and on packed weights, against the frozen MLP (the same GEMMs
-  with W0 and the SwiGLU kernels), and which rows ``mlp_forms`` picks for each layout.
+  site's form forced, against the frozen MLP (the same GEMMs with W0 and the SwiGLU kernels).
 
 Medians of interleaved rounds of back-to-back calls (CUDA events), bfloat16, r = 16.
 
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
-from lorakit import activation, fused, packed  # noqa: E402
+from lorakit import activation, fused  # noqa: E402
 
 TOKENS = {"1b": 8192, "8b": 4096, "smol": 512}
 FWD = {"merged": (True, True), "gate|up beside": (False, True), "down beside": (True, False),
@@ -108,50 +106,29 @@ def epilogue_rows(size: str, t: dict, rounds: int, calls: int) -> list[dict]:
     return rows
 
 
-def packed_tensors(t: dict) -> dict:
-    """``t`` with the MLP weights packed (lorakit.packed): the sites not merged run augmented."""
-    r = t["ag"].shape[0]
-    wg, wu, wd = packed.packed_copies(t["wg"], t["wu"], t["wd"], r, r)
-    return dict(t, wg=wg, wu=wu, wd=wd)
-
-
 def node_rows(size: str, t: dict, rounds: int, calls: int) -> list[dict]:
     bf, bb = bound_fns(t)
     fns = {"bound fwd": bf, "bound bwd": bb}
-    tp = packed_tensors(t)
     for name, f in FWD.items():
         fns["fwd " + name] = node_fns(t, f, (True, True))[0]
-        if name != "merged":
-            fns["fwd " + name.replace("beside", "augmented")] = node_fns(tp, f, (True, True))[0]
     for name, b in BWD.items():
         fns["bwd " + name] = node_fns(t, (True, True), b)[1]
-        if name != "merged":
-            fns["bwd " + name.replace("beside", "augmented")] = node_fns(tp, (True, True), b)[1]
     for f in fns.values():
         for _ in range(2):
             f()
     ts = common.interleaved({k: common.cuda_timer(f, calls) for k, f in fns.items()}, rounds)
     m = {k: common.median(v) for k, v in ts.items()}
-    n, (i, h), r = t["x"].shape[0], t["wg"].shape, t["ag"].shape[0]
-    choice = fused.mlp_forms(n, i, h)
-    choice_packed = fused.mlp_forms(n, i, h, tails=(2 * packed.tail(r), packed.tail(r)))
+    choice = fused.mlp_forms(t["x"].shape[0], t["wg"].shape[0], t["wg"].shape[1])
     rows = []
-    for direction, table, bound, sl in (("fwd", FWD, m["bound fwd"], slice(0, 2)),
-                                        ("bwd", BWD, m["bound bwd"], slice(2, 4))):
+    for direction, table, bound, chosen in (("fwd", FWD, m["bound fwd"], choice[:2]),
+                                            ("bwd", BWD, m["bound bwd"], choice[2:])):
         for name, f in table.items():
-            # the merged row serves both layouts; the others run beside W0 (contiguous weights)
-            # or augmented (packed); the last column says which layout's mlp_forms picks the row
-            variants = [(name, "unpacked")] if name == "merged" else [(name, "unpacked"),
-                                                                      (name.replace("beside", "augmented"), "packed")]
-            for label, layout in variants:
-                ms = m[f"{direction} {label}"]
-                picked = [lay for lay, c in (("unpacked", choice[sl]), ("packed", choice_packed[sl]))
-                          if f == c and (name == "merged" or lay == layout)]
-                rows.append(dict(size=size, direction=direction, forms=label, ms=ms, bound_ms=bound,
-                                 over_bound_us=(ms - bound) * 1e3, vs_merged=ms / m[f"{direction} merged"],
-                                 chosen=" and ".join(picked)))
-                print(f"{size} {direction} {label:<18} {ms:.4f} ms  (bound {bound:.4f})  x merged "
-                      f"{rows[-1]['vs_merged']:.3f}  {rows[-1]['chosen']}", flush=True)
+            ms = m[f"{direction} {name}"]
+            rows.append(dict(size=size, direction=direction, forms=name, ms=ms, bound_ms=bound,
+                             over_bound_us=(ms - bound) * 1e3, vs_merged=ms / m[f"{direction} merged"],
+                             chosen=f == chosen))
+            print(f"{size} {direction} {name:<15} {ms:.4f} ms  (bound {bound:.4f})  x merged "
+                  f"{rows[-1]['vs_merged']:.3f}{'  <- mlp_forms' if f == chosen else ''}", flush=True)
     return rows
 
 
@@ -177,7 +154,7 @@ def main(argv=None) -> int:
     common.report(nrows, [("size", "size", ""), ("direction", "", ""), ("forms", "forms", ""), ("ms", "ms", "{:.4f}"),
                           ("bound_ms", "frozen ms", "{:.4f}"), ("over_bound_us", "over frozen us", "{:.0f}"),
                           ("vs_merged", "x merged", "{:.3f}"), ("chosen", "mlp_forms' choice", "")],
-                  args.out, args.device, "The fused MLP's GEMM sites, merged, beside W0 or augmented (packed)", setup)
+                  args.out, args.device, "The fused MLP's GEMM sites, merged or beside W0", setup)
     return 0
 
 

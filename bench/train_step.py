@@ -21,8 +21,6 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
                      (lorakit.fused.mlp_forms overridden during its steps only)
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
-    X+unpacked       lorakit X with the MLP base weights contiguous (lorakit.fused.unpack, PACK off during
-                     its steps): the fused MLP's sites that do not merge run beside W0, not augmented
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
                      ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
@@ -73,9 +71,8 @@ def parse_variant(spec: str) -> dict:
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
     fuse_all = "+fuse-all" in name
-    unpacked = "+unpacked" in name
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all", "+unpacked"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -85,7 +82,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
-                merged_mlp=merged_mlp, fuse_all=fuse_all, unpacked=unpacked,
+                merged_mlp=merged_mlp, fuse_all=fuse_all,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -132,8 +129,6 @@ def setup(v: dict, model):
         fused.detach(model)
     if v["ungrouped"]:
         grouped.detach(model)
-    if v["unpacked"]:
-        fused.unpack(model)
     return adamw(v, [p for p in model.parameters() if p.requires_grad])
 
 
@@ -157,8 +152,6 @@ def make_step(v: dict, model, opt, ids, labels):
         overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
     if v.get("fuse_all"):
         overrides["fused_is_cheaper"] = lambda *a: True
-    if v.get("unpacked"):
-        overrides["PACK"] = False
 
     def overridden(fn):
         def run():

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from . import fused, grouped
+from . import grouped
 from .errors import AdapterNotFound, LoraError, MergedStateError
 from .inject import find_state, get_submodule_parent, lora_layers, saved_modules, unwrap_all
 from .layers import LoraState
@@ -93,7 +93,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise MergedStateError(f"adapter {name!r} is merged; call lorakit.unmerge(model) before deleting it")
     if st.rows is not None:
         raise LoraError(f"cannot delete adapter {name!r} inside batch_adapters")
-    fused.unpack(model)                 # contiguous base weights (the fused node packs again if it runs)
     for path, layer in list(lora_layers(model)):
         if name in layer.adapters:
             del layer.adapters[name]

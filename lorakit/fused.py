@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops, packed, wprime
+from . import ops, wprime
 from .activation import swiglu_backward, swiglu_forward
 from .ops import _cast
 from .layers import LoraLinear
@@ -70,17 +70,9 @@ def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, 
     return wprime.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
 
 
-TAIL_COST = 0.0064
-"""Elements moved per multiply-add of a GEMM's extra K, in time: bandwidth over bfloat16 tensor-core
-throughput (H200: 4.8 TB/s over about 750 TFLOP/s; 2 bytes an element, 2 flops a multiply-add)."""
-
-
-def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ,
-              tails: Optional[tuple[int, int]] = None) -> tuple[bool, bool, bool, bool]:
+def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[bool, bool, bool, bool]:
     """Which of the node's four GEMM sites take the merged form, for N tokens, I, H:
-    (gate|up forward, down forward, down backward, gate|up backward); False: the augmented form
-    when the weights are packed (``tails`` = (t, td), their tail widths: lorakit.packed), else
-    added beside W0.
+    (gate|up forward, down forward, down backward, gate|up backward); False: added beside W0.
 
     Each site's big GEMM runs either with W' = W0 + s B A (built by a pass that reads W0 and
     writes W': 2 d k elements moved beyond the GEMM's own) and the factors appended to it
@@ -97,61 +89,9 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ,
 
     At the 1B shape and 8192 tokens only gate|up backward goes beside W0; at the 8B shape
     (4096 tokens) all four do, with c = 0.5.
-
-    Packed, a site not merged runs as one GEMM with K grown by the tail: it costs the copy of x
-    (dY) into the augmented input and the rank-r GEMM's read of it, where the merged form reads it
-    once (the A's or Bd ride as extra rows), plus the tail's multiply-adds (``TAIL_COST`` elements
-    each):
-
-        gate|up forward    merged 4 I H    augmented N (3 H + k 2I t)
-        down forward       merged 2 H I    augmented N (I + k H td)        (h Ad^T reads h)
-        down backward      merged 2 H I    augmented N (3 H + k I td)
-        gate|up backward   merged 4 I H    augmented N k H t               (gs is needed for dA anyway)
-
-    The 1B shape then takes gate|up backward augmented and the rest merged; the 8B shape all four
-    augmented.
     """
-    if tails is not None:
-        k, (t, td) = TAIL_COST, tails
-        return (4 * i * h <= n * (3 * h + k * 2 * i * t), 2 * h * i <= n * (i + k * h * td),
-                2 * h * i <= n * (3 * h + k * i * td), 4 * i * h <= n * k * h * t)
     return (4 * i * h <= n * (2 * i * (1 + c) + h), 2 * h * i <= n * (h * (1 + c) + i),
             2 * h * i <= n * (i * (1 + c) + h), 4 * i * h <= n * h * (2 + 2 * c))
-
-
-def _packs(wg, wu, wd, agc, auc, adc) -> Optional[tuple[Tensor, Tensor]]:
-    return packed.buffers(wg, wu, wd, max(agc.shape[0], auc.shape[0]), adc.shape[0])
-
-
-def _tails(packs: Optional[tuple[Tensor, Tensor]], hid: int, i: int) -> Optional[tuple[int, int]]:
-    return None if packs is None else (packs[0].shape[1] - hid, packs[1].shape[1] - i)
-
-
-def _augmented(x2: Tensor, width: int, filled: list[tuple[int, int]]) -> Tensor:
-    """A K-augmented input (N, width): x in the first columns, zeros in the tail's columns outside
-    ``filled`` (column ranges [lo, hi) that the caller writes)."""
-    n, k = x2.shape
-    aug = x2.new_empty((n, width))
-    aug[:, :k].copy_(x2)
-    zero_gaps(aug, k, filled)
-    return aug
-
-
-def zero_gaps(aug: Tensor, lo: int, filled: list[tuple[int, int]]) -> None:
-    """Zero the columns of ``aug`` from ``lo`` on that no range of ``filled`` covers."""
-    for a, b in sorted(filled) + [(aug.shape[1], aug.shape[1])]:
-        if a > lo:
-            aug[:, lo:a].zero_()
-        lo = max(lo, b)
-
-
-def _gu_tails(aug: Tensor, lo: int, th: int, src: Tensor, rg: int, sg: float, su: float) -> None:
-    """aug[:, lo:lo + rg] = sg src[:, :rg] and aug[:, lo + th:...] = su src[:, rg:] (src (N, rg + ru))."""
-    if sg == su and rg == th:
-        torch.mul(src, sg, out=aug[:, lo:lo + src.shape[1]])
-        return
-    torch.mul(src[:, :rg], sg, out=aug[:, lo:lo + rg])
-    torch.mul(src[:, rg:], su, out=aug[:, lo + th:lo + th + src.shape[1] - rg])
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
@@ -163,47 +103,30 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     (else (N, 2I)); has = h Ad^T (N, rd) when ``need_has``. In the merged forms both ride in the
     GEMMs that need their input anyway: the A's are appended as rows to the merged weights (x
     and h are read once each), and their scales ride on the dB GEMMs' alpha. With ``need_has``
-    y is a column slice of an (N, H + rd) buffer (row stride H + rd) in every form ([y | h Ad^T]
+    y is a column slice of an (N, H + rd) buffer (row stride H + rd) in either form ([y | h Ad^T]
     merged); has is a copy, so that keeping it does not keep that buffer. ``forms``: as
-    ``mlp_forms`` returns (default: its choice for these shapes and packing).
+    ``mlp_forms`` returns (default: its choice for these shapes).
     """
     i, hid = wg.shape
-    n, rg, rgu, rd = x2.shape[0], agc.shape[0], agc.shape[0] + auc.shape[0], adc.shape[0]
-    packs = _packs(wg, wu, wd, agc, auc, adc)
-    f = forms if forms is not None else mlp_forms(n, i, hid, tails=_tails(packs, hid, i))
-    if packs is not None and not (f[0] and f[1]):                           # the B's the GEMMs below read
-        packed.write_b(*packs, None if f[0] else bgc, None if f[0] else buc, None if f[1] else bdc)
+    n = x2.shape[0]
+    f = forms if forms is not None else mlp_forms(n, i, hid)
     if f[0]:
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
     else:
-        gu = x2.new_empty((n, 2 * i + (rgu if need_xas else 0)))
+        rg = agc.shape[0]
+        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas else 0)))
         xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
-        if packs is not None:                                               # [x | sg xas_g 0 | su xas_u 0] Fgu[:2I]^T
-            th = packed.half(packs[0], hid)
-            xaug = _augmented(x2, packs[0].shape[1], [(hid, hid + rg), (hid + th, hid + th + rgu - rg)])
-            _gu_tails(xaug, hid, th, xas, rg, sg, su)
-            torch.mm(xaug, packs[0][:2 * i].t(), out=gu[:, :2 * i])
-            del xaug
-        else:
-            ops.beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
-            ops.beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
+        ops.beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
+        ops.beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
+    h = swiglu_forward(gu[:, :2 * i])                                       # (N, I)
     if f[1]:
-        h = swiglu_forward(gu[:, :2 * i])                                   # (N, I)
         if not need_has:
             return torch.mm(h, wprime.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
         yh = torch.mm(h, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_a=True).t())  # [y | h Ad^T]
         return yh[:, :hid], gu, yh[:, hid:].clone()
-    y = x2.new_empty((n, hid + rd))[:, :hid] if need_has else x2.new_empty((n, hid))
-    if packs is None:
-        h = swiglu_forward(gu[:, :2 * i])
-        has = torch.mm(h, adc.t())                                          # h Ad^T (N, rd)
-        return ops.beside_into(y, has, bdc, sd, h, wd.t()), gu, has if need_has else None
-    haug = x2.new_empty((n, packs[1].shape[1]))                             # [h | sd h Ad^T | 0] (N, I + td)
-    h = swiglu_forward(gu[:, :2 * i], out=haug[:, :i])
-    has = torch.mm(h, adc.t())
-    torch.mul(has, sd, out=haug[:, i:i + rd])
-    zero_gaps(haug, i + rd, [])
-    return torch.mm(haug, packs[1][:hid].t(), out=y), gu, has if need_has else None
+    has = torch.mm(h, adc.t())                                              # h Ad^T (N, rd)
+    y = x2.new_empty((n, hid + adc.shape[0]))[:, :hid] if need_has else x2.new_empty((n, hid))
+    return ops.beside_into(y, has, bdc, sd, h, wd.t()), gu, has if need_has else None
 
 
 def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Tensor],
@@ -218,61 +141,34 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     shape, or a row of W0)."""
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
-    n, rg, rgu = dy2.shape[0], agc.shape[0], agc.shape[0] + auc.shape[0]
-    packs = _packs(wg, wu, wd, agc, auc, adc)
-    f = forms if forms is not None else mlp_forms(n, i, hid, tails=_tails(packs, hid, i))
-    aug_x = packs is not None and need_x and not f[3]                       # dx = [dgu | gs] Fgu[:, :H]
-    if packs is not None and (aug_x or not f[2]):                           # the A's the GEMMs below read
-        packed.write_a(*packs, agc if aug_x else None, auc if aug_x else None, None if f[2] else adc)
+    n, rg = dy2.shape[0], agc.shape[0]
+    f = forms if forms is not None else mlp_forms(n, i, hid)
     xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
     gu = gu[:, :2 * i]
-    s_gd = sd                                                               # the scale gd still lacks
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
     elif f[2]:
         dh, gd = torch.mm(dy2, wprime.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
-    elif packs is not None:                                                 # [dY | sd dY Bd | 0] Fd[:, :I]
-        rd = adc.shape[0]
-        dyaug = _augmented(dy2, packs[1].shape[0], [(hid, hid + rd)])
-        gd = dyaug[:, hid:hid + rd]
-        torch.addmm(gd, dy2, bdc, beta=0, alpha=sd, out=gd)
-        dh, s_gd = torch.mm(dyaug, packs[1][:, :i]), 1.0
-        del dyaug
     else:                                                                   # sd (dY Bd) Ad + dY Wd
         gd = torch.mm(dy2, bdc)
         dh = ops.beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
-    dguaug = dy2.new_empty((n, packs[0].shape[0])) if aug_x else None
-    dgu = swiglu_backward(dh, gu, out=None if dguaug is None else dguaug[:, :2 * i])   # [dg | du]; dh := h
-    dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=s_gd) if need_ad else None   # sd (dY Bd)^T h: (rd, I)
+    dgu = swiglu_backward(dh, gu)                                           # [dg | du] (N, 2I); dh := h
+    dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
     del dh, gd
     dx = dA = dBg = dBu = None
     if need_x and f[3]:
         dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su))    # (N, H)
     if need_ag or need_au or (need_x and not f[3]):
         same = sg == su
-        if dguaug is not None:                                              # gs = [sg dg Bg | su du Bu], scaled
-            th = packed.half(packs[0], hid)
-            zero_gaps(dguaug, 2 * i, [(2 * i, 2 * i + rg), (2 * i + th, 2 * i + th + rgu - rg)])
-            gs = dguaug[:, 2 * i:2 * i + rgu] if rg == th else dy2.new_empty((n, rgu))
-            if same:
-                torch.addmm(gs, dgu, torch.block_diag(bgc, buc), beta=0, alpha=sg, out=gs)
-            else:
-                torch.mm(dgu, torch.block_diag(bgc * sg, buc * su), out=gs)
-            if rg != th:                                                    # two halves of the tail
-                _gu_tails(dguaug, 2 * i, th, gs, rg, 1.0, 1.0)
-            s_gs = 1.0
-        else:
-            bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
-            gs, s_gs = torch.mm(dgu, bd), sg if same else 1.0               # [dg Bg | du Bu] (N, rg + ru) (times s)
+        bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
+        gs = torch.mm(dgu, bd)                                              # [dg Bg | du Bu] (N, rg + ru) (times s)
         if need_ag or need_au:
-            dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=s_gs)        # [dAg; dAu] (rg + ru, H)
-        if dguaug is not None:
-            dx = torch.mm(dguaug, packs[0][:, :hid])                        # dg Wg + du Wu + gs [Ag; Au]
-        elif need_x and not f[3]:                                           # s gs [Ag; Au] + dg Wg + du Wu
-            dx = ops.beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), s_gs,
-                                 dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
+            dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
+        if need_x and not f[3]:                                             # s gs [Ag; Au] + dg Wg + du Wu
+            dx = ops.beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
+                              dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
     if need_bg or need_bu:                                                  # contiguous (I, r) results
         dBg = torch.addmm(bgc, dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=sg)   # sg dg^T (x Ag^T)
         dBu = torch.addmm(buc, dgu[:, i:].t(), xas[:, rg:], beta=0, alpha=su)   # su du^T (x Au^T)
@@ -387,56 +283,12 @@ def fusable(mlp: nn.Module, x: Tensor) -> Optional[str]:
 
 
 def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """The forward of a routed MLP: the fused node when it applies, else the class's own. In eager
-    mode the node's first call packs the base weights (``PACK``)."""
+    """The forward of a routed MLP: the fused node when it applies, else the class's own."""
     name = fusable(self, x)
     if name is None:
         return type(self)._lorakit_base.forward(self, x)
     mods = self._modules
-    g, u, d = mods["gate_proj"], mods["up_proj"], mods["down_proj"]
-    if PACK and not torch.compiler.is_compiling():
-        _pack_for(g, u, d, name)
-    return lora_gated_mlp(x, g, u, d, name)
-
-
-# ---------------------------------------------------------------------------- packed weights
-PACK = True
-"""Whether the fused node packs its MLP's base weights on its first eager call (lorakit.packed):
-then the GEMM sites that do not merge run augmented (one GEMM each) rather than beside W0.
-``pack(model)`` does it ahead (before torch.compile, which does not pack), ``unpack(model)``
-and ``detach`` undo it."""
-
-
-def _ranks(layer: LoraLinear) -> int:
-    return max((a._parameters["lora_A"].shape[0] for a in layer._modules["adapters"]._modules.values()), default=0)
-
-
-def _pack_for(g: LoraLinear, u: LoraLinear, d: LoraLinear, name: Optional[str] = None) -> bool:
-    """Pack the three base weights with tails for the largest ranks of their adapters, unless they
-    are packed wide enough for adapter ``name`` already; returns whether it packed."""
-    w = [m._modules["base"]._parameters["weight"] for m in (g, u, d)]
-    if name is not None:
-        a = [m._modules["adapters"]._modules[name]._parameters["lora_A"].shape[0] for m in (g, u, d)]
-        if packed.buffers(*w, max(a[0], a[1]), a[2]) is not None:
-            return False
-    return packed.pack(g, u, d, max(_ranks(g), _ranks(u)), _ranks(d))
-
-
-def _routed(model: nn.Module):
-    for m in model_modules(model):
-        if _is_ours(m):
-            yield m._modules["gate_proj"], m._modules["up_proj"], m._modules["down_proj"]
-
-
-def pack(model: nn.Module) -> int:
-    """Pack the base weights of every routed MLP of ``model`` (lorakit.packed), as the fused node's
-    first eager call would; returns how many MLPs were packed now. Call it before torch.compile."""
-    return sum(_pack_for(*mods) for mods in _routed(model) if all(_ranks(m) for m in mods))
-
-
-def unpack(model: nn.Module) -> int:
-    """Give every routed MLP's base weights contiguous storage again; returns how many were packed."""
-    return sum(packed.unpack(*mods) for mods in _routed(model))
+    return lora_gated_mlp(x, mods["gate_proj"], mods["up_proj"], mods["down_proj"], name)
 
 
 # ---------------------------------------------------------------------------- attach / detach
@@ -495,8 +347,7 @@ def _is_ours(m: nn.Module) -> bool:
 
 def attach(model: nn.Module) -> int:
     """Route every gated MLP of ``model`` whose three projections are LoRA layers through the
-    fused node (when it applies, per call), and pack their base weights (``pack``, when ``PACK``).
-    Idempotent; returns how many MLPs are routed."""
+    fused node (when it applies, per call). Idempotent; returns how many MLPs are routed."""
     n = 0
     for m in model_modules(model):
         if _is_ours(m):
@@ -506,15 +357,11 @@ def attach(model: nn.Module) -> int:
               and _gated_class(type(m))):
             m.__class__ = _fused_class(type(m))
             n += 1
-    if PACK:
-        pack(model)
     return n
 
 
 def detach(model: nn.Module) -> int:
-    """Undo ``attach`` (and ``pack``): every MLP runs its class's forward again, on contiguous
-    weights. Returns how many were routed."""
-    unpack(model)
+    """Undo ``attach``: every MLP runs its class's forward again. Returns how many were routed."""
     n = 0
     for m in model_modules(model):
         if _is_ours(m):

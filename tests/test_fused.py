@@ -41,15 +41,10 @@ FORMS = {"merged": (True,) * 4, "beside": (False,) * 4, "mixed": (True, False, T
          "mixed2": (False, True, False, True)}
 
 
-@pytest.fixture(params=["merged", "beside", "mixed", "mixed2", "augmented", "mixed-packed", "mixed2-packed"])
+@pytest.fixture(params=list(FORMS))
 def forms(request, monkeypatch):
-    """Every site form forced: merged or beside W0, or augmented (the sites not merged, with the base
-    weights packed: lorakit.packed; ``PACK`` off leaves them contiguous, so those sites run beside)."""
-    name = {"augmented": "beside"}.get(request.param, request.param.replace("-packed", ""))
-    packed = request.param == "augmented" or request.param.endswith("-packed")
-    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: FORMS[name])
-    monkeypatch.setattr(fused, "PACK", packed)
-    return FORMS[name]
+    monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: FORMS[request.param])
+    return FORMS[request.param]
 
 
 def fused_vs_unfused(model, ids=IDS):
@@ -210,6 +205,22 @@ def test_forms_follow_the_byte_counts():
     assert fused.mlp_forms(4096, 14336, 4096, c=2.0) == (True, False, True, False)
 
 
+def test_swiglu_writes_into_a_given_output():
+    """``out=``: h and [dg | du] written into column slices of wider buffers (row stride > width)."""
+    gen = torch.Generator().manual_seed(0)
+    gu = torch.randn(5, 12, generator=gen)
+    dh = torch.randn(5, 6, generator=gen)
+    buf = torch.full((5, 9), 7.0)
+    h = activation.swiglu_forward(gu, out=buf[:, :6])
+    assert h.data_ptr() == buf.data_ptr() and torch.equal(h, activation.swiglu_forward_reference(gu))
+    assert (buf[:, 6:] == 7).all()
+    wide = torch.full((5, 15), 7.0)
+    a, b = dh.clone(), dh.clone()
+    got = activation.swiglu_backward(a, gu, out=wide[:, :12])
+    assert torch.equal(got, activation.swiglu_backward_reference(b, gu)) and torch.equal(a, b)
+    assert got.data_ptr() == wide.data_ptr() and (wide[:, 12:] == 7).all()
+
+
 def test_swiglu_reference_gradients_match_autograd():
     gu = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     dh = torch.randn(5, 6, dtype=torch.float64)
@@ -315,6 +326,12 @@ def test_gpu_swiglu_kernels_match_reference(n, i):
     assert torch.equal(swiglu.swiglu_forward(gu), swiglu.swiglu_forward(gu))
     c = dh.clone()
     assert torch.equal(swiglu.swiglu_backward(c, gu), got) and torch.equal(c, a)
+    wide = torch.zeros(n, i + 8, device="cuda", dtype=torch.bfloat16)     # out=: a column slice, row stride i + 8
+    assert torch.equal(swiglu.swiglu_forward(gu, out=wide[:, :i]), swiglu.swiglu_forward(gu))
+    assert not wide[:, i:].any()
+    wide = torch.zeros(n, 2 * i + 8, device="cuda", dtype=torch.bfloat16)
+    c = dh.clone()
+    assert torch.equal(swiglu.swiglu_backward(c, gu, out=wide[:, :2 * i]), got) and not wide[:, 2 * i:].any()
 
 
 @pytest.mark.gpu

@@ -1,8 +1,7 @@
 """Triton kernel for a whole LoRA linear on a few rows (decoding), in one launch.
 
     x     (N, k)   N small (one token per sequence while decoding), unit stride along k
-    W0    (d, k)   the frozen weight, unit stride along k, row stride SW (k, or wider when packed:
-                   lorakit.packed)
+    W0    (d, k)   the frozen weight, contiguous
     bias  (d,)     or none
     A     (r, k)   contiguous;  B (d, r) contiguous;  s the scale
     y     (N, d)   = x W0^T + b + s (x A^T) B^T
@@ -37,8 +36,7 @@ MAX_RANK = 128
 
 @triton.jit
 def _kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, s,
-            D: tl.constexpr, K: tl.constexpr, SW: tl.constexpr, r: tl.constexpr, R: tl.constexpr,
-            HAS_BIAS: tl.constexpr,
+            D: tl.constexpr, K: tl.constexpr, r: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
             SPLIT: tl.constexpr, K_PER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Program (i, j): columns i*BLOCK_D.. of y, over k in [j*K_PER, (j+1)*K_PER).
@@ -57,7 +55,7 @@ def _kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, s,
     rk = tl.arange(0, BLOCK_K)
     mn, md, mr = rn < N, rd < D, rr < r
     x_rows = x_ptr + rn[:, None] * K
-    w_rows = w_ptr + rd.to(tl.int64)[:, None] * SW
+    w_rows = w_ptr + rd.to(tl.int64)[:, None] * K
     a_rows = a_ptr + rr[:, None] * K
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)                 # x W0^T for this program's columns
     xa = tl.zeros((BLOCK_N, R), dtype=tl.float32)                        # x A^T (every program: A is small)
@@ -105,12 +103,12 @@ def supported(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor) -> bool:
     """Whether the kernel takes these operands (else ``lora_linear`` returns None).
 
     x: (..., k) with at most MAX_ROWS rows; every operand on the GPU, in one dtype,
-    contiguous (W0: unit stride along k, any row stride) and starting on 16-byte boundaries.
+    contiguous and 16-byte aligned (the compiled kernel assumes aligned rows).
     """
     d, k = weight.shape
     return (x.numel() <= MAX_ROWS * k and x.is_cuda and 0 < A.shape[0] <= MAX_RANK
             and x.dtype == weight.dtype == A.dtype == B.dtype and (bias is None or bias.dtype == x.dtype)
-            and weight.stride(1) == 1 and _aligned(x, bias, A, B) and all(launch.aligned(weight)))
+            and _aligned(x, weight, bias, A, B))
 
 
 def _aligned(*ts) -> bool:
@@ -146,13 +144,12 @@ class _Launch:
 
     __slots__ = ("n", "split", "blocks", "direct")
 
-    def __init__(self, n: int, d: int, k: int, r: int, plan_: tuple[int, ...], dtype, has_bias: bool,
-                 sw: int) -> None:
+    def __init__(self, n: int, d: int, k: int, r: int, plan_: tuple[int, ...], dtype, has_bias: bool) -> None:
         block_n, block_d, block_k, split, k_per, warps, stages = plan_
         self.n, self.split, self.blocks = n, split, triton.cdiv(d, block_d)
         self.direct = launch.Direct(
             _kernel, (self.blocks, split),
-            dict(D=d, K=k, SW=sw, r=r, R=max(16, triton.next_power_of_2(r)), HAS_BIAS=has_bias, SPLIT=split, K_PER=k_per,
+            dict(D=d, K=k, r=r, R=max(16, triton.next_power_of_2(r)), HAS_BIAS=has_bias, SPLIT=split, K_PER=k_per,
                  BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, IEEE=dtype == torch.float32),
             num_warps=warps, num_stages=stages)
 
@@ -198,18 +195,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor, scale: fl
     y = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device)
     if n == 0:
         return y
-    key = (n, d, k, weight.stride(0), r, x.dtype, bias is not None, x.device.index)
+    key = (n, d, k, r, x.dtype, bias is not None, x.device.index)
     run = _LAUNCHES.get(key)
     if run is None:
-        run = _LAUNCHES[key] = _Launch(n, d, k, r, plan(n, d, k, r, x.element_size()), x.dtype, bias is not None,
-                                       weight.stride(0))
+        run = _LAUNCHES[key] = _Launch(n, d, k, r, plan(n, d, k, r, x.element_size()), x.dtype, bias is not None)
     ws = cnt = y
     if run.split > 1:
         buf = _buffers(x.device, run.split, n, d, run.blocks)
         if buf is None:                              # first call inside a CUDA graph capture: no split
             p = plan(n, d, k, r, x.element_size())
-            run = _Launch(n, d, k, r, p[:3] + (1, triton.cdiv(k, p[2]) * p[2]) + p[5:], x.dtype, bias is not None,
-                          weight.stride(0))
+            run = _Launch(n, d, k, r, p[:3] + (1, triton.cdiv(k, p[2]) * p[2]) + p[5:], x.dtype, bias is not None)
         else:
             ws, cnt = buf
     run(x, weight, bias, A, B, scale, y, ws, cnt)
@@ -220,7 +215,7 @@ def launch_plan(x, weight, bias, A, B, scale, y, plan_: tuple[int, ...]) -> Tens
     """One launch with an explicit plan (the benchmark's sweep and the tests; nothing cached)."""
     d, k = weight.shape
     n = x.numel() // k
-    one = _Launch(n, d, k, A.shape[0], plan_, x.dtype, bias is not None, weight.stride(0))
+    one = _Launch(n, d, k, A.shape[0], plan_, x.dtype, bias is not None)
     ws = cnt = y
     if one.split > 1:
         buf = _buffers(x.device, one.split, n, d, one.blocks)
