@@ -14,6 +14,11 @@ shape: ROWS rows x BLOCK contiguous columns per program (16-byte loads of g, u, 
 the terms by a loop over the rank that is not unrolled (one 16-byte load of B^T's row and ROWS
 scalars of x A^T per step), so registers stay bounded.
 
+Result (``swiglu_lora_h200.md``, session 8): it too lost, by 270-870 us a call (1B forward
+377 us at best against the plain kernel's 99 us). Added on the CUDA cores, the r multiply-adds
+per element are 4.3 GFLOP at 1B, 64 us at the H200's float32 peak: about what the tensor-core
+GEMM writes it would spare cost, so this direction is closed without explicit layouts (Gluon).
+
 * ``--aot``: no GPU needed. Compiles every configuration for sm_90 (Triton's bundled ptxas),
   with the pointer alignment the device specializes on, and reports registers, stack and the
   global loads per thread, against the plain kernels.
