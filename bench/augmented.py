@@ -149,7 +149,8 @@ def rows_for(size: str, t: dict, pads: list[int], rounds: int, calls: int) -> li
     bf, bb = mlp_forms.bound_fns(t)
     ad = mlp_forms.adapters(t)
     w = (t["wg"], t["wu"], t["wd"])
-    nf, nb = mlp_forms.node_fns(t, *(lambda f: (f[:2], f[2:]))(fused.mlp_forms(t["x"].shape[0], *t["wg"].shape)))
+    f = fused.mlp_forms(t["x"].shape[0], *t["wg"].shape)
+    nf, nb = mlp_forms.node_fns(t, f[:2], f[2:])
     fns = {"frozen fwd": bf, "frozen bwd": bb, "node fwd": nf, "node bwd": nb}
     for pad in pads:
         fgu, fd = relayout(*w, *[a.shape[0] for a in ad[0::2]], pad=pad)

@@ -32,13 +32,13 @@
 #                                   # GPU tests, bench/augmented.py 8B, 8B and 1B eager with and without packing
 #   bash bench/h200.sh s12e        # GPU tests of packed weights and the decode kernel (s12c's timed out unreported);
 #                                   # bench/augmented.py with the library's packed node beside the experiment's
-#   bash bench/h200.sh s12d        # packed weights: 1B eager and compiled, 8B compiled (bound, lorakit, +unpacked)
 #   bash bench/h200.sh s12c        # packed MLP weights, the sites not merged augmented: GPU tests, mlp_forms (packed
 #                                   # rows), 8B eager: bound, lorakit, lorakit+unpacked
 #   bash bench/h200.sh s12b        # bench/augmented.py: the fused MLP with K-augmented GEMMs (W0 and the factors in one
 #                                   # buffer, one GEMM per site), checked and timed against the node and the frozen MLP
-#   bash bench/h200.sh s12a        # next: GPU tests of the session-7 end state; bench/swiglu_lora.py, SwiGLU kernels adding the LoRA terms with the plain
-#                                   # kernels' layout (ROWS x BLOCK, rank loop not unrolled): correctness, GPU time
+#   bash bench/h200.sh s12a        # GPU tests of the session-7 end state; bench/swiglu_lora.py, SwiGLU kernels
+#                                   # adding the LoRA terms with the plain kernels' layout (ROWS x BLOCK, rank loop
+#                                   # not unrolled): correctness, GPU time
 #   bash bench/h200.sh s11a        # SwiGLU kernels adding the low-rank terms as r outer products (no tl.dot):
 #                                   # their GPU tests, mlp_forms, 8B and 1B steps with and without (+plain-act).
 #                                   # s10b and s11a ran code since removed (commits 1ae0ee7 and 4048c78):
@@ -206,14 +206,6 @@ case "${1:-}" in
     timeout 80 python3 bench/mlp_forms.py --out $R/mlp_forms_h200_s12c 2>&1 | tee -a "$LOG"
     timeout 190 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit,lorakit+unpacked}" --out $R/train_step_8b_h200_s12c 2>&1 | tee -a "$LOG"
-    ;;
-  s12d)
-    timeout 230 python3 bench/train_step.py --device cuda --size 1b \
-      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+unpacked,bound+compile,lorakit+compile}" \
-      --out $R/train_step_1b_h200_s12d 2>&1 | tee -a "$LOG"
-    timeout 200 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
-      --variants "${VARIANTS_8B:-bound+compile,lorakit+compile,lorakit+unpacked+compile}" \
-      --out $R/train_step_8b_h200_s12d 2>&1 | tee -a "$LOG"
     ;;
   s12b)
     timeout 300 python3 bench/augmented.py --out $R/augmented_h200 2>&1 | tee -a "$LOG"
