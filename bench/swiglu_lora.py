@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -152,28 +153,33 @@ def inputs(n, i, r, device, dtype=torch.bfloat16, seed=0):
                 ad=rnd(r, i, std=0.3))
 
 
-def aot_rows(r: int) -> list[dict]:
-    """Registers, stack and global loads per thread of each configuration, compiled for sm_90 here,
-    every pointer and integer argument specialized as a multiple of 16 (as at the 1B and 8B shapes)."""
+def compile_sm90(fn, sig: dict, constexprs: dict, warps: int, aligned, stages: int = 3) -> dict:
+    """Compile a Triton kernel for sm_90 here (no GPU), the arguments numbered in ``aligned``
+    specialized as multiples of 16 as on the device; its registers, stack bytes and global loads
+    per thread (all, and 16-byte ones) from Triton's bundled cuobjdump and the PTX."""
     import subprocess
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from lorakit.kernels import swiglu
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    attrs = {(k,): [["tt.divisibility", 16]] for k in aligned}
+    kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lorakit_aot_{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(kern.asm["cubin"])
+    usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    os.unlink(path)
+    fields = dict(p.split(":") for p in next(ln for ln in usage.splitlines() if "REG:" in ln).split())
+    ptx = kern.asm["ptx"]
+    return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]), loads=ptx.count("ld.global"),
+                loads_16B=ptx.count("ld.global.v4"), async_16B=len(re.findall(r"cp\.async\.\w+\.shared\.global[^;]*0x10", ptx)))
 
-    def compile_(fn, sig, cex, warps, aligned):
-        attrs = {(k,): [["tt.divisibility", 16]] for k in aligned}
-        kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cex, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lorakit_aot_{os.getpid()}.cubin")
-        with open(path, "wb") as f:
-            f.write(kern.asm["cubin"])
-        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-        os.unlink(path)
-        fields = dict(p.split(":") for p in next(ln for ln in usage.splitlines() if "REG:" in ln).split())
-        ptx = kern.asm["ptx"]
-        return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]), loads=ptx.count("ld.global"),
-                    loads_16B=ptx.count("ld.global.v4"))
+
+def aot_rows(r: int) -> list[dict]:
+    """Registers, stack and global loads per thread of each configuration, compiled for sm_90 here,
+    every pointer and integer argument specialized as a multiple of 16 (as at the 1B and 8B shapes)."""
+    from lorakit.kernels import swiglu
+    compile_ = compile_sm90
     i32, f32, b16 = "i32", "fp32", "*bf16"
     plain_f = dict(gu_ptr=b16, h_ptr=b16, I=i32, s_gu=i32, s_h=i32, BLOCK="constexpr")
     plain_b = dict(dh_ptr=b16, gu_ptr=b16, dgu_ptr=b16, I=i32, s_dh=i32, s_gu=i32, s_dgu=i32, BLOCK="constexpr")
