@@ -27,6 +27,7 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   TAG=_s13b bash bench/h200.sh s13a  # the same with dBg, dBu folded into the backward (s13a: h reductions only)
 #   bash bench/h200.sh s13a        # bench/swiglu_reduce.py: SwiGLU kernels that also do the rank-r reductions
 #                                   # reading h (h Ad^T forward, (dY Bd)^T h backward): correctness, GPU time
 #   (s12c-s12f ran lorakit.packed, removed after s12f: check out commit 582aad2 to rerun them)
@@ -189,7 +190,7 @@ case "${1:-}" in
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
     ;;
   s13a)
-    timeout 300 python3 bench/swiglu_reduce.py --out $R/swiglu_reduce_h200 2>&1 | tee -a "$LOG"
+    timeout 300 python3 bench/swiglu_reduce.py --out $R/swiglu_reduce_h200${TAG:-} 2>&1 | tee -a "$LOG"
     ;;
   s12f)
     timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_packed.py tests/test_ops.py \

@@ -51,10 +51,11 @@ except ImportError:                                          # pragma: no cover 
 
 SHAPES = {"1b": (8192, 8192), "8b": (4096, 14336)}          # (N tokens, I)
 # (ROWS, BLOCK, warps, splits, stages): forward splits the columns, backward the rows
-FWD_CONFIGS = [(16, 128, 4, 1, 3), (16, 128, 4, 2, 3), (32, 128, 4, 2, 3), (32, 128, 4, 4, 3), (64, 128, 8, 4, 3),
-               (16, 256, 4, 2, 3), (32, 256, 8, 2, 3), (16, 128, 4, 2, 2), (32, 64, 4, 4, 4), (16, 64, 4, 4, 4)]
-BWD_CONFIGS = [(32, 128, 4, 4, 3), (32, 128, 4, 8, 3), (64, 128, 8, 4, 3), (64, 128, 8, 8, 3), (64, 64, 4, 4, 3),
-               (32, 64, 4, 8, 3), (32, 256, 8, 4, 3), (16, 128, 4, 8, 3), (32, 128, 4, 8, 2), (32, 128, 4, 8, 4)]
+FWD_CONFIGS = [(32, 128, 4, 4, 3), (32, 64, 4, 4, 4), (32, 64, 4, 8, 3), (32, 64, 4, 16, 3), (64, 64, 4, 8, 3),
+               (64, 64, 4, 16, 3), (32, 128, 4, 8, 3), (64, 128, 8, 8, 3), (16, 64, 4, 16, 3)]
+BWD_CONFIGS = [(32, 64, 4, 8, 3), (64, 64, 4, 4, 3), (32, 64, 4, 4, 3), (64, 64, 4, 8, 3), (32, 64, 4, 16, 3),
+               (16, 64, 4, 8, 3), (32, 128, 4, 8, 3), (64, 128, 8, 8, 3), (32, 64, 4, 8, 4), (32, 64, 4, 8, 2),
+               (64, 64, 8, 4, 3), (64, 64, 8, 8, 3), (32, 128, 8, 8, 3), (32, 64, 8, 8, 3)]
 
 
 if triton is not None:
@@ -85,16 +86,22 @@ if triton is not None:
         tl.store(part_ptr + (sp * N + rows[:, None]) * RP + kk[None, :], acc, mask=mr[:, None])
 
     @triton.jit
-    def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu, s_gd, rows_per,
-                    R: tl.constexpr, RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """[dg | du] for BLOCK columns over rows [split * rows_per, +rows_per), and
-        part[split, :, cols] = gd[rows, :]^T h[rows, cols] (float32); h is not written."""
+    def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu, s_gd, rows_per, sd, sg, su,
+                    RD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr, DB: tl.constexpr):
+        """[dg | du] for BLOCK columns over rows [split * rows_per, +rows_per), and in float32
+        part[split, 0, :, cols] = sd gd[rows, :]^T h[rows, cols]      (dAd, (RD, I))
+        and with DB also
+        part[split, 1, :, cols] = sg xag[rows, :]^T dg[rows, cols]    (dBg^T, (RG, I))
+        part[split, 2, :, cols] = su xau[rows, :]^T du[rows, cols]    (dBu^T, (RU, I))
+        where gu = [g | u | xag | xau] (N, 2I + RG + RU). h is not written."""
         sp = tl.program_id(1)
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mc = cols < I
         kk = tl.arange(0, RP)
-        mk = kk < R
-        acc = tl.zeros((RP, BLOCK), dtype=tl.float32)
+        acc_d = tl.zeros((RP, BLOCK), dtype=tl.float32)
+        acc_g = tl.zeros((RP, BLOCK), dtype=tl.float32)
+        acc_u = tl.zeros((RP, BLOCK), dtype=tl.float32)
         r0 = sp * rows_per
         r1 = tl.minimum(r0 + rows_per, N)
         ty = dgu_ptr.dtype.element_ty
@@ -109,12 +116,21 @@ if triton is not None:
             s = tl.sigmoid(g)
             silu = g * s
             od = rows[:, None] * s_dgu + cols[None, :]
-            tl.store(dgu_ptr + od, (dh * u * s * (1.0 + g * (1.0 - s))).to(ty), mask=m)
-            tl.store(dgu_ptr + od + I, (dh * silu).to(ty), mask=m)
-            h = (silu * u).to(gd_ptr.dtype.element_ty)
-            gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=mk[:, None] & mr[None, :], other=0.0)
-            acc = tl.dot(gt, h, acc)
-        tl.store(part_ptr + (sp * RP + kk[:, None]) * I + cols[None, :], acc, mask=mc[None, :])
+            dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(ty)
+            du = (dh * silu).to(ty)
+            tl.store(dgu_ptr + od, dg, mask=m)
+            tl.store(dgu_ptr + od + I, du, mask=m)
+            gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :], other=0.0)
+            acc_d = tl.dot(gt, (silu * u).to(ty), acc_d)
+            if DB:
+                xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
+                acc_g = tl.dot(tl.load(xa, mask=(kk < RG)[:, None] & mr[None, :], other=0.0), dg, acc_g)
+                acc_u = tl.dot(tl.load(xa + RG, mask=(kk < RU)[:, None] & mr[None, :], other=0.0), du, acc_u)
+        out = part_ptr + ((sp * 3) * RP + kk[:, None]) * I + cols[None, :]
+        tl.store(out, acc_d * sd, mask=mc[None, :])
+        if DB:
+            tl.store(out + RP * I, acc_g * sg, mask=mc[None, :])
+            tl.store(out + 2 * RP * I, acc_u * su, mask=mc[None, :])
 
 
 def _rp(r: int) -> int:
@@ -135,30 +151,41 @@ def forward(gu, ad, cfg):
     return h, has
 
 
-def backward(dh, gu, gd, sd, cfg):
-    """([dg | du] (N, 2I), sd gd^T h (r, I)) (the kernel); dh is not modified."""
+def backward(dh, gu, gd, sd, cfg, rg=0, sg=1.0, su=1.0):
+    """([dg | du] (N, 2I), sd gd^T h (rd, I)), and with ``rg`` (gu then [g | u | xag | xau]) also
+    dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru) (the kernel); dh is not modified."""
     rows, block, warps, splits, stages = cfg
     n, i = dh.shape
-    r = gd.shape[1]
-    rp = _rp(r)
+    rd, ru = gd.shape[1], gu.shape[1] - 2 * i - rg
+    rp = _rp(max(rd, rg, ru))
     dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
     per = triton.cdiv(triton.cdiv(n, splits), rows) * rows
-    part = torch.empty((splits, rp, i), dtype=torch.float32, device=gu.device)
+    part = torch.zeros((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
     _bwd_kernel[(triton.cdiv(i, block), splits)](dh, gu, dgu, gd, part, n, i, dh.stride(0), gu.stride(0),
-                                                 dgu.stride(0), gd.stride(0), per,
-                                                 R=r, RP=rp, ROWS=rows, BLOCK=block, num_warps=warps, num_stages=stages)
-    return dgu, (part.sum(0)[:r] * sd).to(gu.dtype)
+                                                 dgu.stride(0), gd.stride(0), per, sd, sg, su,
+                                                 RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, DB=rg > 0,
+                                                 num_warps=warps, num_stages=stages)
+    if not rg:
+        return dgu, part[:, 0].sum(0)[:rd].to(gu.dtype)
+    tot = part.sum(0)
+    return (dgu, tot[0, :rd].to(gu.dtype), tot[1, :rg].t().to(gu.dtype, memory_format=torch.contiguous_format),
+            tot[2, :ru].t().to(gu.dtype, memory_format=torch.contiguous_format))
 
 
-def reference(gu, ad, dh, gd, sd):
-    """(h, h Ad^T, [dg | du], sd gd^T h) in float32, h rounded to gu's dtype as the kernels round it."""
+def reference(gu, ad, dh, gd, sd, rg=0, sg=1.0, su=1.0):
+    """(h, h Ad^T, [dg | du], sd gd^T h[, dBg, dBu]) in float32, h, dg and du rounded to gu's dtype
+    as the kernels round them before their dots."""
     i = ad.shape[1]
-    g, u = gu[:, :i].float(), gu[:, i:].float()
+    g, u = gu[:, :i].float(), gu[:, i:2 * i].float()
     s = torch.sigmoid(g)
     h = (g * s * u).to(gu.dtype).float()
     d = dh.float()
     dgu = torch.cat([d * u * s * (1 + g * (1 - s)), d * g * s], dim=1)
-    return h, h @ ad.float().t(), dgu, sd * gd.float().t() @ h
+    out = (h, h @ ad.float().t(), dgu, sd * gd.float().t() @ h)
+    if not rg:
+        return out
+    xa, dgr = gu[:, 2 * i:].float(), dgu.to(gu.dtype).float()
+    return out + (sg * dgr[:, :i].t() @ xa[:, :rg], su * dgr[:, i:].t() @ xa[:, rg:])
 
 
 def inputs(n, i, r, device, dtype=torch.bfloat16, seed=0):
@@ -166,23 +193,24 @@ def inputs(n, i, r, device, dtype=torch.bfloat16, seed=0):
 
     def rnd(*shape, std=1.0):
         return (torch.randn(*shape, device=device, generator=g) * std).to(dtype)
-    return dict(gu=rnd(n, 2 * i, std=2.0), dh=rnd(n, i), gd=rnd(n, r), ad=rnd(r, i, std=0.3))
+    return dict(gu=rnd(n, 2 * i + 2 * r, std=2.0), dh=rnd(n, i), gd=rnd(n, r), ad=rnd(r, i, std=0.3))
 
 
 def check(n, i, r, device, dtype, fcfgs, bcfgs, tol):
     """Largest relative error (Frobenius) of every output of every configuration against ``reference``."""
     t = inputs(n, i, r, device, dtype)
-    want = reference(t["gu"], t["ad"], t["dh"], t["gd"], 0.5)
+    want = reference(t["gu"], t["ad"], t["dh"], t["gd"], 0.5, r, 0.7, 1.3)
+    gu2 = t["gu"][:, :2 * i]
     worst = 0.0
     for cfg in fcfgs:
-        got = forward(t["gu"], t["ad"], cfg)
+        got = forward(gu2, t["ad"], cfg)
         for a, b in zip(got, want[:2]):
             worst = max(worst, ((a.float() - b).norm() / b.norm()).item())
     for cfg in bcfgs:
         dh = t["dh"].clone()
-        got = backward(dh, t["gu"], t["gd"], 0.5, cfg)
+        got = backward(dh, gu2, t["gd"], 0.5, cfg) + backward(dh, t["gu"], t["gd"], 0.5, cfg, r, 0.7, 1.3)
         assert torch.equal(dh, t["dh"])
-        for a, b in zip(got, want[2:]):
+        for a, b in zip(got, want[2:4] + want[2:]):
             worst = max(worst, ((a.float() - b).norm() / b.norm()).item())
     assert worst < tol, worst
     return worst
@@ -199,29 +227,38 @@ def aot_rows(r: int) -> list[dict]:
     fwd = dict(gu_ptr=b16, h_ptr=b16, ad_ptr=b16, part_ptr="*fp32", N=i32, I=i32, s_gu=i32, s_h=i32, s_ad=i32,
                cols_per=i32, R="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr")
     bwd = dict(dh_ptr=b16, gu_ptr=b16, dgu_ptr=b16, gd_ptr=b16, part_ptr="*fp32", N=i32, I=i32, s_dh=i32,
-               s_gu=i32, s_dgu=i32, s_gd=i32, rows_per=i32, R="constexpr", RP="constexpr", ROWS="constexpr",
-               BLOCK="constexpr")
+               s_gu=i32, s_dgu=i32, s_gd=i32, rows_per=i32, sd="fp32", sg="fp32", su="fp32", RD="constexpr",
+               RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr", DB="constexpr")
     rows = [dict(kernel="plain fwd", config="1 x 1024, 4 warps",
                  **compile_sm90(swiglu._fwd_kernel, plain_f, dict(BLOCK=swiglu.BLOCK), 4, range(5))),
             dict(kernel="plain bwd", config="1 x 1024, 4 warps",
                  **compile_sm90(swiglu._bwd_kernel, plain_b, dict(BLOCK=swiglu.BLOCK), 4, range(7)))]
-    for kernel, fn, sig, cfgs, n_aligned in (("reduce fwd", _fwd_kernel, fwd, FWD_CONFIGS, 10),
-                                             ("reduce bwd", _bwd_kernel, bwd, BWD_CONFIGS, 12)):
+    for kernel, fn, sig, cfgs, n_aligned, extra in (
+            ("reduce fwd", _fwd_kernel, fwd, FWD_CONFIGS, 10, dict(R=r)),
+            ("reduce bwd", _bwd_kernel, bwd, BWD_CONFIGS, 12, dict(RD=r, RG=r, RU=r, DB=False)),
+            ("reduce bwd + dB", _bwd_kernel, bwd, BWD_CONFIGS, 12, dict(RD=r, RG=r, RU=r, DB=True))):
         for rows_, block, warps, splits, stages in cfgs:
-            cex = dict(R=r, RP=_rp(r), ROWS=rows_, BLOCK=block)
+            cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, **extra)
             rows.append(dict(kernel=kernel, config=f"{rows_} x {block}, {warps} warps, {stages} stages",
                              **compile_sm90(fn, sig, cex, warps, range(n_aligned), stages)))
     for row in rows:
-        print(f"{row['kernel']:<11} {row['config']:<20} registers {row['registers']:>3}  stack {row['stack']:>5}  "
+        print(f"{row['kernel']:<15} {row['config']:<30} registers {row['registers']:>3}  stack {row['stack']:>5}  "
               f"global loads {row['loads']:>4} (16-byte {row['loads_16B']}), 16-byte cp.async {row['async_16B']}", flush=True)
     return rows
 
 
-def _plain_bwd_pair(swiglu, dh, gu, gd):
-    """What the library runs today: the plain kernel (h written over a copy of dh), then gd^T h."""
+def _plain_bwd(swiglu, dh, gu, gd, rg=0):
+    """What the library runs today: the plain kernel (h written over a copy of dh), then sd gd^T h,
+    and with ``rg`` (gu = [g | u | xag | xau]) the two dB GEMMs reading dg and du."""
+    i = dh.shape[1]
     h = dh.clone()
-    swiglu.swiglu_backward(h, gu)
-    return torch.mm(gd.t(), h)
+    dgu = swiglu.swiglu_backward(h, gu[:, :2 * i])
+    dad = torch.addmm(h[:gd.shape[1]], gd.t(), h, beta=0, alpha=0.5)
+    if not rg:
+        return dad
+    xas = gu[:, 2 * i:]
+    return (dad, torch.addmm(dgu[:, :rg], dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=0.7),
+            torch.addmm(dgu[:, :rg], dgu[:, i:].t(), xas[:, rg:], beta=0, alpha=1.3))
 
 
 def gpu_rows(sizes: list[str], r: int, rounds: int, calls: int) -> list[dict]:
@@ -233,25 +270,28 @@ def gpu_rows(sizes: list[str], r: int, rounds: int, calls: int) -> list[dict]:
         err = check(n, i, r, "cuda", torch.bfloat16, FWD_CONFIGS, BWD_CONFIGS, 1e-2)
         print(f"{size}: worst relative error {err:.2e}", flush=True)
         t = inputs(n, i, r, "cuda")
-        gu, ad, gd = t["gu"], t["ad"], t["gd"]
+        gu, ad, gd = t["gu"][:, :2 * i], t["ad"], t["gd"]
         h = swiglu.swiglu_forward(gu)
         fns = {"plain fwd": lambda: swiglu.swiglu_forward(gu),
                "plain fwd + h Ad^T": lambda: torch.mm(swiglu.swiglu_forward(gu), ad.t()),
                "GEMM h Ad^T": lambda: torch.mm(h, ad.t()),
                "plain bwd": lambda: swiglu.swiglu_backward(t["dh"].clone(), gu),
-               "plain bwd + gd^T h": lambda: _plain_bwd_pair(swiglu, t["dh"], gu, gd),
+               "plain bwd + gd^T h": lambda: _plain_bwd(swiglu, t["dh"], gu, gd),
+               "plain bwd + gd^T h + dB GEMMs": lambda: _plain_bwd(swiglu, t["dh"], t["gu"], gd, r),
                "GEMM gd^T h": lambda: torch.mm(gd.t(), h),
                "clone of dh": lambda: t["dh"].clone()}
         for cfg in FWD_CONFIGS:
             fns[f"reduce fwd {cfg}"] = lambda cfg=cfg: forward(gu, ad, cfg)
         for cfg in BWD_CONFIGS:
             fns[f"reduce bwd {cfg}"] = lambda cfg=cfg: backward(t["dh"], gu, gd, 0.5, cfg)
+            fns[f"reduce bwd + dB {cfg}"] = lambda cfg=cfg: backward(t["dh"], t["gu"], gd, 0.5, cfg, r, 0.7, 1.3)
         med = {k: ms * 1e3 for k, ms in common.graph_times(fns, rounds, calls).items()}
         clone = med.pop("clone of dh")
-        for k in ("plain bwd", "plain bwd + gd^T h"):
+        for k in ("plain bwd", "plain bwd + gd^T h", "plain bwd + gd^T h + dB GEMMs"):
             med[k] -= clone                                 # the benchmark's copy of dh, not the kernel's work
         for k, us in med.items():
-            base = med["plain fwd + h Ad^T" if "fwd" in k else "plain bwd + gd^T h"]
+            base = med["plain fwd + h Ad^T" if "fwd" in k else
+                       "plain bwd + gd^T h + dB GEMMs" if "dB" in k else "plain bwd + gd^T h"]
             rows.append(dict(size=size, N=n, I=i, r=r, variant=k, us=us, vs_plain_pair=us - base))
             print(f"{size} {k:<34} {us:8.1f} us  ({us - base:+.1f} against plain kernel + GEMM)", flush=True)
         common.free(t)
