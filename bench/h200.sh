@@ -27,6 +27,9 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s13c        # the one-kernel SwiGLU backward with dAd, dBg, dBu in the library: GPU tests,
+#                                   # 8B eager: bound, lorakit, lorakit+gemm-reduce (the plain kernel and cuBLAS)
+#   bash bench/h200.sh s13d        # the same at 1B, eager and compiled
 #   TAG=_s13b bash bench/h200.sh s13a  # the same with dBg, dBu folded into the backward (s13a: h reductions only)
 #   bash bench/h200.sh s13a        # bench/swiglu_reduce.py: SwiGLU kernels that also do the rank-r reductions
 #                                   # reading h (h Ad^T forward, (dY Bd)^T h backward): correctness, GPU time
@@ -188,6 +191,17 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s13c)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py tests/test_compiled.py \
+      > $OUT/tests.txt 2>&1; tail -12 $OUT/tests.txt | tee -a "$LOG"
+    timeout 330 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,lorakit+gemm-reduce}" --out $R/train_step_8b_h200_s13c 2>&1 | tee -a "$LOG"
+    ;;
+  s13d)
+    timeout 500 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+gemm-reduce,bound+compile,lorakit+compile,lorakit+gemm-reduce+compile}" \
+      --out $R/train_step_1b_h200_s13d 2>&1 | tee -a "$LOG"
     ;;
   s13a)
     timeout 300 python3 bench/swiglu_reduce.py --out $R/swiglu_reduce_h200${TAG:-} 2>&1 | tee -a "$LOG"

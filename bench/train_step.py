@@ -19,6 +19,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
     X+merged-mlp     lorakit X with the fused MLP's four GEMM sites all in the merged form
                      (lorakit.fused.mlp_forms overridden during its steps only)
+    X+gemm-reduce    lorakit X with the fused MLP's backward as the plain SwiGLU kernel (h written) and
+                     cuBLAS for dAd, dBg, dBu, not one kernel (lorakit.activation.swiglu_backward_reduce_unfused)
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
@@ -71,8 +73,9 @@ def parse_variant(spec: str) -> dict:
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
     fuse_all = "+fuse-all" in name
+    gemm_reduce = "+gemm-reduce" in name
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all", "+gemm-reduce"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -82,7 +85,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
-                merged_mlp=merged_mlp, fuse_all=fuse_all,
+                merged_mlp=merged_mlp, fuse_all=fuse_all, gemm_reduce=gemm_reduce,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -152,6 +155,9 @@ def make_step(v: dict, model, opt, ids, labels):
         overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
     if v.get("fuse_all"):
         overrides["fused_is_cheaper"] = lambda *a: True
+    if v.get("gemm_reduce"):
+        from lorakit import activation
+        overrides["swiglu_backward_reduce"] = activation.swiglu_backward_reduce_unfused
 
     def overridden(fn):
         def run():

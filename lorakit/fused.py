@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, wprime
-from .activation import swiglu_backward, swiglu_forward
+from .activation import swiglu_backward_reduce, swiglu_forward
 from .ops import _cast
 from .layers import LoraLinear
 from .nodes import function_tree, hooked, model_modules, node_adapter, node_member
@@ -143,8 +143,7 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     i, hid = wg.shape
     n, rg = dy2.shape[0], agc.shape[0]
     f = forms if forms is not None else mlp_forms(n, i, hid)
-    xas = gu[:, 2 * i:]                                                     # x [Ag; Au]^T (N, rg + ru), if kept
-    gu = gu[:, :2 * i]
+    guk, gu = gu, gu[:, :2 * i]                                             # guk: [g | u | x [Ag; Au]^T], if kept
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
@@ -154,10 +153,13 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
         gd = torch.mm(dy2, bdc)
         dh = ops.beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
-    dgu = swiglu_backward(dh, gu)                                           # [dg | du] (N, 2I); dh := h
-    dAd = torch.addmm(adc, gd.t(), dh, beta=0, alpha=sd) if need_ad else None     # sd (dY Bd)^T h: (rd, I)
+    # [dg | du] (N, 2I), sd (dY Bd)^T h (rd, I), sg dg^T (x Ag^T) (I, rg), su du^T (x Au^T) (I, ru):
+    # one kernel on the GPU, which reads g, u and dh once and never writes h
+    dgu, dAd, dBg, dBu = swiglu_backward_reduce(dh, guk, gd if need_ad else None, sd, rg, sg, su,
+                                                need_bg or need_bu)
+    dBg, dBu = dBg if need_bg else None, dBu if need_bu else None
     del dh, gd
-    dx = dA = dBg = dBu = None
+    dx = dA = None
     if need_x and f[3]:
         dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su))    # (N, H)
     if need_ag or need_au or (need_x and not f[3]):
@@ -169,9 +171,6 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
         if need_x and not f[3]:                                             # s gs [Ag; Au] + dg Wg + du Wu
             dx = ops.beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
                               dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
-    if need_bg or need_bu:                                                  # contiguous (I, r) results
-        dBg = torch.addmm(bgc, dgu[:, :i].t(), xas[:, :rg], beta=0, alpha=sg)   # sg dg^T (x Ag^T)
-        dBu = torch.addmm(buc, dgu[:, i:].t(), xas[:, rg:], beta=0, alpha=su)   # su du^T (x Au^T)
     return dx, dA, dBg, dBu, dAd, dBd
 
 

@@ -232,6 +232,32 @@ def test_swiglu_reference_gradients_match_autograd():
     assert torch.allclose(dgu, gu.grad) and torch.allclose(buf, h.detach())
 
 
+def _reduce_inputs(n, i, rd, rg, ru, dtype, device, gen):
+    """gu = [g | u | xag | xau] and [dh | gd] side by side (the merged down-backward's layout)."""
+    gu = torch.randn(n, 2 * i + rg + ru, device=device, generator=gen, dtype=torch.float32).mul_(2).to(dtype)
+    dhgd = torch.randn(n, i + rd, device=device, generator=gen, dtype=torch.float32).to(dtype)
+    return gu, dhgd[:, :i], dhgd[:, i:]
+
+
+@pytest.mark.parametrize("gd_given,db", [(True, True), (True, False), (False, True)])
+def test_swiglu_backward_reduce_unfused_matches_float64(gd_given, db):
+    """dgu, sd gd^T h, sg dg^T xag, su du^T xau from their definitions (float64, autograd for dgu)."""
+    gen = torch.Generator().manual_seed(0)
+    gu, dh, gd = _reduce_inputs(9, 6, 3, 2, 4, torch.float64, "cpu", gen)
+    g = gu[:, :12].clone().requires_grad_()
+    h = torch.nn.functional.silu(g[:, :6]) * g[:, 6:]
+    h.backward(dh)
+    buf = dh.clone()
+    dgu, dad, dbg, dbu = activation.swiglu_backward_reduce(buf, gu, gd if gd_given else None, 0.5, 2, 0.7, 1.3, db)
+    assert torch.allclose(dgu, g.grad) and torch.allclose(buf, h.detach())
+    assert dad is None if not gd_given else torch.allclose(dad, 0.5 * gd.t() @ h.detach())
+    if db:
+        assert torch.allclose(dbg, 0.7 * g.grad[:, :6].t() @ gu[:, 12:14])
+        assert torch.allclose(dbu, 1.3 * g.grad[:, 6:].t() @ gu[:, 14:])
+    else:
+        assert dbg is None and dbu is None
+
+
 # ---------------------------------------------------------------------------- when it does not apply
 def _fallback_cases():
     yield "no_grad", lambda m: torch.no_grad()
@@ -332,6 +358,33 @@ def test_gpu_swiglu_kernels_match_reference(n, i):
     wide = torch.zeros(n, 2 * i + 8, device="cuda", dtype=torch.bfloat16)
     c = dh.clone()
     assert torch.equal(swiglu.swiglu_backward(c, gu, out=wide[:, :2 * i]), got) and not wide[:, 2 * i:].any()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("n,i,rd,rg,ru,dtype", [
+    (1, 8, 4, 4, 4, torch.bfloat16), (70, 200, 16, 8, 24, torch.bfloat16), (300, 1536, 16, 16, 16, torch.bfloat16),
+    (2049, 1000, 64, 2, 33, torch.float16), (4096, 640, 16, 16, 16, torch.float32), (100, 96, 8, 1, 8, torch.float32)])
+def test_gpu_swiglu_backward_reduce_matches_reference(n, i, rd, rg, ru, dtype):
+    """The one-kernel backward (dgu, dAd, dBg, dBu) against the plain kernel and GEMMs, for ranks
+    up to 64, uneven shapes, several row splits, dh and gd as column slices of one buffer."""
+    from lorakit.kernels import swiglu
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gu, dh, gd = _reduce_inputs(n, i, rd, rg, ru, dtype, "cuda", gen)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    keep = dh.clone()
+    for gd_given, db in ((True, True), (True, False), (False, True)):
+        g = gd if gd_given else None
+        got = swiglu.swiglu_backward_reduce(dh, gu, g, 0.5, rg, 0.7, 1.3, db)
+        assert torch.equal(dh, keep)                                        # h is not written over dh
+        want = activation.swiglu_backward_reduce_unfused(dh.clone(), gu, g, 0.5, rg, 0.7, 1.3, db)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
+                assert (a.float() - b.float()).norm() <= tol * b.float().norm(), (gd_given, db)
+        again = swiglu.swiglu_backward_reduce(dh, gu, g, 0.5, rg, 0.7, 1.3, db)   # through the launcher
+        assert all(a is None or torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.gpu

@@ -15,6 +15,20 @@ Backward: du = dh g s
 
 Everything is computed in float32 and rounded once to the storage dtype. One program per
 (row, block of BLOCK columns); each element is read once and written once.
+
+``swiglu_backward_reduce`` is the backward that also does the rank-r reductions of the fused
+MLP's backward that read h, dg or du, so that h is never written and dg, du are not read again:
+
+    dAd   = sd gd^T h      (rd, I)   gd = dY Bd (N, rd)
+    dBg^T = sg xag^T dg    (rg, I)   xag = x Ag^T, xau = x Au^T: the columns gu keeps after [g | u]
+    dBu^T = su xau^T du    (ru, I)
+
+Programs over BLOCK columns x a split of the rows loop over their rows ROWS at a time and feed
+the tiles of h, dg and du (rounded to the storage dtype, as the GEMMs they replace read them) to
+``tl.dot`` against the (RP, ROWS) tiles of gd^T, xag^T and xau^T, accumulating in float32; the
+splits' partial sums are added afterwards. Its configuration was chosen on the H200
+(``bench/swiglu_reduce.py``, ``swiglu_reduce_h200_s13b.md``): at the 8B shape it takes 214 us
+against 276 us for the plain kernel and the three GEMMs, at the 1B shape 230 against 315 us.
 """
 
 from __future__ import annotations
@@ -60,6 +74,61 @@ def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, I, s_dh, s_gu, s_dgu, BLOCK: tl.constex
     tl.store(dh_ptr + row * s_dh + col, (silu * u).to(dh_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu, s_gd, rows_per,
+                       sd, sg, su, RD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, AD: tl.constexpr, DB: tl.constexpr,
+                       PREC: tl.constexpr):
+    """[dg | du] for BLOCK columns over rows [split * rows_per, +rows_per), and in float32, for the
+    split's rows, part[split, 0] = sd gd^T h (AD), part[split, 1] = sg xag^T dg, part[split, 2] =
+    su xau^T du (DB), each (RP, I) with ranks past RD, RG, RU zero. h is not written."""
+    sp = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mc = cols < I
+    kk = tl.arange(0, RP)
+    acc_d = tl.zeros((RP, BLOCK), dtype=tl.float32)
+    acc_g = tl.zeros((RP, BLOCK), dtype=tl.float32)
+    acc_u = tl.zeros((RP, BLOCK), dtype=tl.float32)
+    r0 = sp * rows_per
+    r1 = tl.minimum(r0 + rows_per, N)
+    ty = dgu_ptr.dtype.element_ty
+    for r in range(0, rows_per, ROWS):
+        rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
+        mr = rows < r1
+        m = mr[:, None] & mc[None, :]
+        o = rows[:, None] * s_gu + cols[None, :]
+        dh = tl.load(dh_ptr + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gu_ptr + o, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + o + I, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        silu = g * s
+        dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(ty)
+        du = (dh * silu).to(ty)
+        od = rows[:, None] * s_dgu + cols[None, :]
+        tl.store(dgu_ptr + od, dg, mask=m)
+        tl.store(dgu_ptr + od + I, du, mask=m)
+        if AD:
+            gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :], other=0.0)
+            acc_d = tl.dot(gt, (silu * u).to(ty), acc_d, input_precision=PREC)
+        if DB:
+            xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
+            acc_g = tl.dot(tl.load(xa, mask=(kk < RG)[:, None] & mr[None, :], other=0.0), dg, acc_g,
+                           input_precision=PREC)
+            acc_u = tl.dot(tl.load(xa + RG, mask=(kk < RU)[:, None] & mr[None, :], other=0.0), du, acc_u,
+                           input_precision=PREC)
+    out = part_ptr + (sp * 3 * RP + kk[:, None]) * I + cols[None, :]
+    if AD:
+        tl.store(out, acc_d * sd, mask=mc[None, :])
+    if DB:
+        tl.store(out + RP * I, acc_g * sg, mask=mc[None, :])
+        tl.store(out + 2 * RP * I, acc_u * su, mask=mc[None, :])
+
+
+# ROWS, BLOCK, warps, most row splits, pipeline stages (the fastest at the 1B and 8B shapes of
+# bench/swiglu_reduce.py); a split covers at least SPLIT_ROWS rows
+REDUCE = (16, 64, 4, 8, 3)
+SPLIT_ROWS = 256
+
 _LAUNCHES: dict = {}
 
 
@@ -70,6 +139,58 @@ def _direct(kernel, n: int, i: int, tensors: tuple[Tensor, ...]):
     if run is None:
         run = _LAUNCHES[key] = launch.Direct(kernel, (n, triton.cdiv(i, BLOCK)), dict(BLOCK=BLOCK))
     return run
+
+
+def _reduce_launch(n: int, i: int, ranks: tuple[int, int, int, int], ad: bool, db: bool,
+                   tensors: tuple[Tensor, ...]) -> tuple[launch.Direct, int, int]:
+    """(launch, row splits, rows per split) of ``_bwd_reduce_kernel`` for these shapes and tensors."""
+    rows, block, warps, most, stages = REDUCE
+    splits = max(1, min(most, triton.cdiv(n, SPLIT_ROWS)))
+    per = triton.cdiv(triton.cdiv(n, splits), rows) * rows
+    k = launch.key(_bwd_reduce_kernel, (n, i, per, ranks, ad, db), *tensors)
+    run = _LAUNCHES.get(k)
+    if run is None:
+        rd, rg, ru, rp = ranks
+        prec = "ieee" if tensors[0].dtype == torch.float32 else "tf32"
+        run = _LAUNCHES[k] = launch.Direct(
+            _bwd_reduce_kernel, (triton.cdiv(i, block), splits),
+            dict(RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, AD=ad, DB=db, PREC=prec),
+            num_warps=warps, num_stages=stages)
+    return run, splits, per
+
+
+def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: float, rg: int, sg: float, su: float,
+                           db: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dgu, dAd, dBg, dBu) for dh (N, I) and gu = [g | u | xag | xau] (N, 2I + rg + ru), unit
+    column strides: dgu = [dg | du] (N, 2I); dAd = sd gd^T h (rd, I) when gd (N, rd) is given;
+    with ``db`` dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru), contiguous. dh is not
+    modified (h is never written)."""
+    n, i = dh.shape
+    ru = gu.shape[1] - 2 * i - rg if db else 0
+    rd = gd.shape[1] if gd is not None else 0
+    dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
+    if n == 0:
+        z = torch.zeros
+        return (dgu, None if gd is None else z((rd, i), dtype=gu.dtype, device=gu.device),
+                *((z((i, rg), dtype=gu.dtype, device=gu.device), z((i, ru), dtype=gu.dtype, device=gu.device))
+                  if db else (None, None)))
+    rp = max(16, triton.next_power_of_2(max(rd, rg if db else 0, ru)))
+    g = gd if gd is not None else dh
+    run, splits, per = _reduce_launch(n, i, (rd, rg if db else 0, ru, rp), gd is not None, db, (dh, gu, dgu, g))
+    part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
+    run(dh, gu, dgu, g, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), g.stride(0), per,
+        float(sd), float(sg), float(su))
+    if db:
+        tot = part.sum(0) if gd is not None else part[:, 1:].sum(0)
+        dad = tot[0, :rd].to(gu.dtype) if gd is not None else None
+        tg, tu = (tot[1], tot[2]) if gd is not None else (tot[0], tot[1])
+        return dgu, dad, _transposed(tg[:rg], gu.dtype), _transposed(tu[:ru], gu.dtype)
+    return dgu, (part[:, 0].sum(0)[:rd].to(gu.dtype) if gd is not None else None), None, None
+
+
+def _transposed(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t^T, contiguous, in ``dtype`` (one copy)."""
+    return torch.empty((t.shape[1], t.shape[0]), dtype=dtype, device=t.device).copy_(t.t())
 
 
 def swiglu_forward(gu: Tensor, out: Optional[Tensor] = None) -> Tensor:
