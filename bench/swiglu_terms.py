@@ -1,0 +1,286 @@
+"""The LoRA terms added inside the SwiGLU kernels, fourth design: the pipelined loop (experiment)
+
+Beside W0 the fused MLP writes the rank-r products into g|u (N, 2I) and dh (N, I) before the big
+GEMMs accumulate onto them (``lorakit.fused.mlp_forms``); at the 8B shape these writes and their
+epilogue reads are the largest passes the MLP still adds. Three designs that added the terms in
+the activation kernels lost (``bench/swiglu_lora.py``): Triton gave the loaded tiles the dot's
+register layout (2-byte loads), or the terms ran on the CUDA cores.
+
+``bench/swiglu_reduce.py`` found a shape that keeps tensor cores and 16-byte loads: programs own
+BLOCK columns and loop over rows, and Triton pipelines the loads through shared memory
+(cp.async), from where any register layout is cheap. This file puts the terms in that shape:
+
+    forward    g = g0 + sg xag Bg^T,  u = u0 + su xau Bu^T,  h = silu(g) u      (g0 = x Wg^T ...)
+    backward   the same g, u rebuilt, dh = dh0 + sd gd Ad (dh0 = dY Wd, gd = dY Bd), then
+               [dg | du] and, as lorakit's backward kernel does, dAd = sd gd^T h, dBg, dBu
+
+B^T's tile (RP, BLOCK) is loaded once per program. g and u are never stored complete, so the
+backward rebuilds them (the same fp32 arithmetic: the same values).
+
+    PYTHONPATH=. python bench/swiglu_terms.py --aot
+    PYTHONPATH=. python bench/swiglu_terms.py --out bench/results/swiglu_terms_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                                          # pragma: no cover - CPU-only installs
+    triton = tl = None
+
+SHAPES = {"1b": (8192, 8192), "8b": (4096, 14336)}          # (N tokens, I)
+# (ROWS, BLOCK, warps, splits, stages)
+CONFIGS = [(16, 64, 4, 8, 3), (32, 64, 4, 8, 3), (16, 128, 4, 8, 3), (32, 128, 4, 4, 3), (64, 64, 4, 4, 3),
+           (16, 64, 4, 4, 3), (32, 64, 4, 16, 3), (64, 128, 8, 4, 3)]
+
+
+if triton is not None:
+    @triton.jit
+    def _gu(gu_ptr, bg_ptr, bu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu,
+            RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr):
+        """(g, u) in float32: g0 + sg xag Bg^T, u0 + su xau Bu^T for a (ROWS, BLOCK) tile."""
+        kk = tl.arange(0, RP)
+        o = rows[:, None] * s_gu + cols[None, :]
+        g = tl.load(gu_ptr + o, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + o + I, mask=m, other=0.0).to(tl.float32)
+        xa = gu_ptr + rows[:, None] * s_gu + 2 * I + kk[None, :]
+        xag = tl.load(xa, mask=mr[:, None] & (kk < RG)[None, :], other=0.0)
+        xau = tl.load(xa + RG, mask=mr[:, None] & (kk < RU)[None, :], other=0.0)
+        g += sg * tl.dot(xag, btg)
+        u += su * tl.dot(xau, btu)
+        return g, u
+
+    @triton.jit
+    def _bt(b_ptr, cols, mc, R: tl.constexpr, RP: tl.constexpr):
+        """B^T's (RP, BLOCK) tile for B (I, R) contiguous; ranks past R zero."""
+        kk = tl.arange(0, RP)
+        return tl.load(b_ptr + cols[None, :] * R + kk[:, None], mask=(kk < R)[:, None] & mc[None, :], other=0.0)
+
+    @triton.jit
+    def _fwd_kernel(gu_ptr, bg_ptr, bu_ptr, h_ptr, N, I, s_gu, s_h, rows_per, sg, su,
+                    RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        sp = tl.program_id(1)
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mc = cols < I
+        btg = _bt(bg_ptr, cols, mc, RG, RP)
+        btu = _bt(bu_ptr, cols, mc, RU, RP)
+        r0 = sp * rows_per
+        r1 = tl.minimum(r0 + rows_per, N)
+        for r in range(0, rows_per, ROWS):
+            rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
+            mr = rows < r1
+            m = mr[:, None] & mc[None, :]
+            g, u = _gu(gu_ptr, bg_ptr, bu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG, RU, RP)
+            tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty),
+                     mask=m)
+
+    @triton.jit
+    def _bwd_kernel(dh_ptr, gu_ptr, bg_ptr, bu_ptr, ad_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu,
+                    s_gd, rows_per, sd, sg, su, RD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
+                    RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        sp = tl.program_id(1)
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mc = cols < I
+        kk = tl.arange(0, RP)
+        btg = _bt(bg_ptr, cols, mc, RG, RP)
+        btu = _bt(bu_ptr, cols, mc, RU, RP)
+        adt = tl.load(ad_ptr + kk[:, None] * I + cols[None, :], mask=(kk < RD)[:, None] & mc[None, :], other=0.0)
+        acc_d = tl.zeros((RP, BLOCK), dtype=tl.float32)
+        acc_g = tl.zeros((RP, BLOCK), dtype=tl.float32)
+        acc_u = tl.zeros((RP, BLOCK), dtype=tl.float32)
+        r0 = sp * rows_per
+        r1 = tl.minimum(r0 + rows_per, N)
+        ty = dgu_ptr.dtype.element_ty
+        for r in range(0, rows_per, ROWS):
+            rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
+            mr = rows < r1
+            m = mr[:, None] & mc[None, :]
+            g, u = _gu(gu_ptr, bg_ptr, bu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG, RU, RP)
+            gdr = tl.load(gd_ptr + rows[:, None] * s_gd + kk[None, :], mask=mr[:, None] & (kk < RD)[None, :], other=0.0)
+            dh = tl.load(dh_ptr + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            dh += sd * tl.dot(gdr, adt)
+            s = tl.sigmoid(g)
+            silu = g * s
+            dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(ty)
+            du = (dh * silu).to(ty)
+            od = rows[:, None] * s_dgu + cols[None, :]
+            tl.store(dgu_ptr + od, dg, mask=m)
+            tl.store(dgu_ptr + od + I, du, mask=m)
+            acc_d = tl.dot(tl.trans(gdr), (silu * u).to(ty), acc_d)
+            xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
+            acc_g = tl.dot(tl.load(xa, mask=(kk < RG)[:, None] & mr[None, :], other=0.0), dg, acc_g)
+            acc_u = tl.dot(tl.load(xa + RG, mask=(kk < RU)[:, None] & mr[None, :], other=0.0), du, acc_u)
+        out = part_ptr + (sp * 3 * RP + kk[:, None]) * I + cols[None, :]
+        tl.store(out, acc_d * sd, mask=mc[None, :])
+        tl.store(out + RP * I, acc_g * sg, mask=mc[None, :])
+        tl.store(out + 2 * RP * I, acc_u * su, mask=mc[None, :])
+
+
+def _rp(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _split(n, rows, splits):
+    return triton.cdiv(triton.cdiv(n, splits), rows) * rows
+
+
+def forward(gu, bg, bu, sg, su, cfg):
+    """h (N, I) for gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru)."""
+    rows, block, warps, splits, stages = cfg
+    i, rg, ru = bg.shape[0], bg.shape[1], bu.shape[1]
+    n = gu.shape[0]
+    h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
+    _fwd_kernel[(triton.cdiv(i, block), splits)](gu, bg, bu, h, n, i, gu.stride(0), h.stride(0),
+                                                 _split(n, rows, splits), sg, su, RG=rg, RU=ru, RP=_rp(max(rg, ru)),
+                                                 ROWS=rows, BLOCK=block, num_warps=warps, num_stages=stages)
+    return h
+
+
+def backward(dh, gu, bg, bu, ad, gd, sg, su, sd, cfg):
+    """([dg | du], dAd (rd, I), dBg (I, rg), dBu (I, ru)) with g, u rebuilt as ``forward`` and
+    dh = dh0 + sd gd Ad."""
+    rows, block, warps, splits, stages = cfg
+    i, rg, ru, rd = bg.shape[0], bg.shape[1], bu.shape[1], ad.shape[0]
+    n = gu.shape[0]
+    rp = _rp(max(rg, ru, rd))
+    dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
+    part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
+    _bwd_kernel[(triton.cdiv(i, block), splits)](dh, gu, bg, bu, ad, dgu, gd, part, n, i, dh.stride(0), gu.stride(0),
+                                                 dgu.stride(0), gd.stride(0), _split(n, rows, splits), sd, sg, su,
+                                                 RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block,
+                                                 num_warps=warps, num_stages=stages)
+    tot = part.sum(0)
+    return dgu, tot[0, :rd].to(gu.dtype), tot[1, :rg].t().to(gu.dtype), tot[2, :ru].t().to(gu.dtype)
+
+
+def reference(gu, bg, bu, ad, dh, gd, sg, su, sd):
+    """(h, [dg | du], dAd, dBg, dBu) in float32, with the kernels' roundings (h, dg, du to gu's dtype)."""
+    i, rg = bg.shape
+    f = gu.float()
+    xa = f[:, 2 * i:]
+    g = f[:, :i] + sg * xa[:, :rg] @ bg.float().t()
+    u = f[:, i:2 * i] + su * xa[:, rg:] @ bu.float().t()
+    s = torch.sigmoid(g)
+    h = (g * s * u).to(gu.dtype).float()
+    d = dh.float() + sd * gd.float() @ ad.float()
+    dg = (d * u * s * (1 + g * (1 - s))).to(gu.dtype).float()
+    du = (d * g * s).to(gu.dtype).float()
+    return h, torch.cat([dg, du], 1), sd * gd.float().t() @ h, sg * dg.t() @ xa[:, :rg], su * du.t() @ xa[:, rg:]
+
+
+def inputs(n, i, r, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, device=device, generator=g) * std).to(dtype)
+    return dict(gu=rnd(n, 2 * i + 2 * r, std=2.0), bg=rnd(i, r, std=0.3), bu=rnd(i, r, std=0.3), ad=rnd(r, i, std=0.3),
+                dh=rnd(n, i), gd=rnd(n, r))
+
+
+def check(n, i, r, device, dtype, cfgs, tol):
+    t = inputs(n, i, r, device, dtype)
+    want = reference(t["gu"], t["bg"], t["bu"], t["ad"], t["dh"], t["gd"], 0.7, 1.3, 0.5)
+    worst = 0.0
+    for cfg in cfgs:
+        got = (forward(t["gu"], t["bg"], t["bu"], 0.7, 1.3, cfg),
+               *backward(t["dh"], t["gu"], t["bg"], t["bu"], t["ad"], t["gd"], 0.7, 1.3, 0.5, cfg))
+        for a, b in zip(got, want):
+            worst = max(worst, ((a.float() - b).norm() / b.norm()).item())
+    assert worst < tol, worst
+    return worst
+
+
+def aot_rows(r: int) -> list[dict]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from swiglu_lora import compile_sm90
+    i32, b16, f32 = "i32", "*bf16", "fp32"
+    fwd = dict(gu_ptr=b16, bg_ptr=b16, bu_ptr=b16, h_ptr=b16, N=i32, I=i32, s_gu=i32, s_h=i32, rows_per=i32,
+               sg=f32, su=f32, RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr")
+    bwd = dict(dh_ptr=b16, gu_ptr=b16, bg_ptr=b16, bu_ptr=b16, ad_ptr=b16, dgu_ptr=b16, gd_ptr=b16, part_ptr="*fp32",
+               N=i32, I=i32, s_dh=i32, s_gu=i32, s_dgu=i32, s_gd=i32, rows_per=i32, sd=f32, sg=f32, su=f32,
+               RD="constexpr", RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr")
+    rows = []
+    for kernel, fn, sig, n_aligned, extra in (("terms fwd", _fwd_kernel, fwd, 9, dict(RG=r, RU=r)),
+                                              ("terms bwd", _bwd_kernel, bwd, 15, dict(RD=r, RG=r, RU=r))):
+        for rows_, block, warps, splits, stages in CONFIGS:
+            cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, **extra)
+            rows.append(dict(kernel=kernel, config=f"{rows_} x {block}, {warps} warps, {stages} stages",
+                             **compile_sm90(fn, sig, cex, warps, range(n_aligned), stages)))
+    for row in rows:
+        print(f"{row['kernel']:<10} {row['config']:<30} registers {row['registers']:>3}  stack {row['stack']:>5}  "
+              f"global loads {row['loads']:>4} (16-byte {row['loads_16B']}), 16-byte cp.async {row['async_16B']}",
+              flush=True)
+    return rows
+
+
+def gpu_rows(sizes: list[str], r: int, rounds: int, calls: int) -> list[dict]:
+    from lorakit.kernels import swiglu
+    rows = []
+    for size in sizes:
+        n, i = SHAPES[size]
+        err = check(n, i, r, "cuda", torch.bfloat16, CONFIGS, 1e-2)
+        print(f"{size}: worst relative error {err:.2e}", flush=True)
+        t = inputs(n, i, r, "cuda")
+        gu, bg, bu, ad, gd, dh = t["gu"], t["bg"], t["bu"], t["ad"], t["gd"], t["dh"]
+        xa = gu[:, 2 * i:]
+        tgu = torch.empty((n, 2 * i), dtype=gu.dtype, device="cuda")
+        tdh = torch.empty((n, i), dtype=gu.dtype, device="cuda")
+        fns = {"plain fwd": lambda: swiglu.swiglu_forward(gu[:, :2 * i]),
+               "GEMMs writing the terms, fwd": lambda: (
+                   torch.addmm(tgu[:, :i], xa[:, :r], bg.t(), beta=0, alpha=0.7, out=tgu[:, :i]),
+                   torch.addmm(tgu[:, i:], xa[:, r:], bu.t(), beta=0, alpha=1.3, out=tgu[:, i:])),
+               "reduce bwd (library)": lambda: swiglu.swiglu_backward_reduce(dh, gu, gd, 0.5, r, 0.7, 1.3, True),
+               "GEMM writing the term, bwd": lambda: torch.addmm(tdh, gd, ad, beta=0, alpha=0.5, out=tdh)}
+        for cfg in CONFIGS:
+            fns[f"terms fwd {cfg}"] = lambda cfg=cfg: forward(gu, bg, bu, 0.7, 1.3, cfg)
+            fns[f"terms bwd {cfg}"] = lambda cfg=cfg: backward(dh, gu, bg, bu, ad, gd, 0.7, 1.3, 0.5, cfg)
+        med = {k: ms * 1e3 for k, ms in common.graph_times(fns, rounds, calls).items()}
+        base_f = med["plain fwd"] + med["GEMMs writing the terms, fwd"]
+        base_b = med["reduce bwd (library)"] + med["GEMM writing the term, bwd"]
+        for k, us in med.items():
+            base = base_f if "fwd" in k else base_b
+            rows.append(dict(size=size, N=n, I=i, r=r, variant=k, us=us, vs_pair=us - base))
+            print(f"{size} {k:<36} {us:8.1f} us  ({us - base:+.1f} against kernel + GEMM writing the terms)", flush=True)
+        common.free(t)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--aot", action="store_true", help="compile for sm_90 here and report resources (no GPU)")
+    p.add_argument("--sizes", default="8b,1b")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if triton is None:
+        raise SystemExit("bench/swiglu_terms.py needs Triton")
+    if args.aot:
+        rows = aot_rows(args.r)
+        cols = [("kernel", "kernel", ""), ("config", "rows x columns, warps", ""), ("registers", "registers", ""),
+                ("stack", "stack bytes", ""), ("loads", "global loads / thread", ""), ("loads_16B", "of them 16-byte", ""),
+                ("async_16B", "16-byte cp.async", "")]
+        common.report(rows, cols, args.out, "cpu", "SwiGLU with the LoRA terms, pipelined: resources, compiled for sm_90",
+                      f"r={args.r}; Triton {triton.__version__}, its bundled ptxas; pointers and integers multiples of 16")
+        return 0
+    rows = gpu_rows(args.sizes.split(","), args.r, args.rounds, args.calls)
+    cols = [("size", "size", ""), ("N", "N", ""), ("I", "I", ""), ("r", "r", ""), ("variant", "variant", ""),
+            ("us", "us per call", "{:.1f}"), ("vs_pair", "against kernel + GEMM writing the terms", "{:+.1f}")]
+    common.report(rows, cols, args.out, "cuda", "SwiGLU adding the LoRA terms (pipelined) vs kernel + GEMMs",
+                  f"bfloat16, r={args.r}; medians of {args.rounds} interleaved CUDA-graph replays of {args.calls} calls")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
