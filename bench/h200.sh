@@ -27,6 +27,9 @@
 #   bash bench/h200.sh s8b         # the MLP's LoRA factors appended to its GEMMs: GPU tests, 1B eager + compiled
 #                                   # (profiled), 8B eager
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
+#   bash bench/h200.sh s13f        # the LoRA terms in the SwiGLU kernels in the library: GPU tests, 8B eager:
+#                                   # bound, lorakit, lorakit+gemm-terms (s13c's code)
+#   bash bench/h200.sh s13g        # the same at 1B, eager and compiled
 #   bash bench/h200.sh s13e        # bench/swiglu_terms.py: the LoRA terms added in the SwiGLU kernels, pipelined
 #   bash bench/h200.sh s13c        # the one-kernel SwiGLU backward with dAd, dBg, dBu in the library: GPU tests,
 #                                   # 8B eager: bound, lorakit, lorakit+gemm-reduce (the plain kernel and cuBLAS)
@@ -192,6 +195,17 @@ case "${1:-}" in
       --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s8d 2>&1 | tee -a "$LOG"
     timeout 130 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
+    ;;
+  s13f)
+    timeout 260 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py tests/test_compiled.py \
+      > $OUT/tests.txt 2>&1; tail -12 $OUT/tests.txt | tee -a "$LOG"
+    timeout 300 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,lorakit+gemm-terms}" --out $R/train_step_8b_h200_s13f 2>&1 | tee -a "$LOG"
+    ;;
+  s13g)
+    timeout 500 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,lorakit+gemm-terms,bound+compile,lorakit+compile,lorakit+gemm-terms+compile}" \
+      --out $R/train_step_1b_h200_s13g 2>&1 | tee -a "$LOG"
     ;;
   s13e)
     timeout 300 python3 bench/swiglu_terms.py --out $R/swiglu_terms_h200 2>&1 | tee -a "$LOG"

@@ -19,7 +19,9 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
     X+ungrouped      lorakit X with q, k and v as three nodes (lorakit.grouped.detach), not one
     X+merged-mlp     lorakit X with the fused MLP's four GEMM sites all in the merged form
                      (lorakit.fused.mlp_forms overridden during its steps only)
-    X+gemm-reduce    lorakit X with the fused MLP's backward as the plain SwiGLU kernel (h written) and
+    X+gemm-terms     lorakit X with the fused MLP's LoRA terms written by GEMMs before the big GEMMs
+                     accumulate onto them (lorakit.fused.KERNEL_TERMS off), not added in the SwiGLU kernels
+    X+gemm-reduce    X+gemm-terms, and the fused MLP's backward as the plain SwiGLU kernel (h written) and
                      cuBLAS for dAd, dBg, dBu, not one kernel (lorakit.activation.swiglu_backward_reduce_unfused)
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
@@ -74,8 +76,10 @@ def parse_variant(spec: str) -> dict:
     merged_mlp = "+merged-mlp" in name
     fuse_all = "+fuse-all" in name
     gemm_reduce = "+gemm-reduce" in name
+    gemm_terms = "+gemm-terms" in name or gemm_reduce
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all", "+gemm-reduce"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all", "+gemm-reduce",
+                "+gemm-terms"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -85,7 +89,7 @@ def parse_variant(spec: str) -> dict:
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
-                merged_mlp=merged_mlp, fuse_all=fuse_all, gemm_reduce=gemm_reduce,
+                merged_mlp=merged_mlp, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -155,9 +159,14 @@ def make_step(v: dict, model, opt, ids, labels):
         overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
     if v.get("fuse_all"):
         overrides["fused_is_cheaper"] = lambda *a: True
+    if v.get("gemm_terms"):
+        overrides["KERNEL_TERMS"] = False
     if v.get("gemm_reduce"):
         from lorakit import activation
-        overrides["swiglu_backward_reduce"] = activation.swiglu_backward_reduce_unfused
+
+        def unfused(dh, gu, gd, sd, rg, sg, su, db, *terms, want_ad=True):
+            return activation.swiglu_backward_reduce_unfused(dh, gu, gd if want_ad else None, sd, rg, sg, su, db)
+        overrides["swiglu_backward_reduce"] = unfused
 
     def overridden(fn):
         def run():

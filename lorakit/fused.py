@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops, wprime
-from .activation import swiglu_backward_reduce, swiglu_forward
+from . import kernels, ops, wprime
+from .activation import swiglu_backward_reduce, swiglu_forward, swiglu_forward_terms
 from .ops import _cast
 from .layers import LoraLinear
 from .nodes import function_tree, hooked, model_modules, node_adapter, node_member
@@ -94,6 +94,24 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[boo
             2 * h * i <= n * (i * (1 + c) + h), 4 * i * h <= n * h * (2 + 2 * c))
 
 
+KERNEL_TERMS = True      # False: the GPU runs the beside-W0 sites as GEMMs writing the terms (benchmarks compare)
+
+
+def kernel_terms(t: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> bool:
+    """Whether the SwiGLU kernels add the LoRA terms themselves (on the GPU, ranks up to
+    ``lorakit.kernels.swiglu.MAX_TERMS_RANK``): then gate|up forward and down backward always go
+    beside W0, and their GEMMs write g0 = x Wg^T, u0 = x Wu^T and dh0 = dY Wd alone."""
+    if not (KERNEL_TERMS and t.is_cuda):
+        return False
+    k = kernels.load("swiglu")
+    return k is not None and max(ag.shape[0], au.shape[0], ad.shape[0]) <= k.MAX_TERMS_RANK
+
+
+def _forms(n: int, i: int, h: int, forms: Optional[tuple[bool, ...]], terms: bool) -> tuple[bool, ...]:
+    f = forms if forms is not None else mlp_forms(n, i, h)
+    return (False, f[1], False, f[3]) if terms else f
+
+
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
                 need_xas: bool, need_has: bool, forms: Optional[tuple[bool, ...]] = None
                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -109,16 +127,21 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     """
     i, hid = wg.shape
     n = x2.shape[0]
-    f = forms if forms is not None else mlp_forms(n, i, hid)
+    terms = kernel_terms(x2, agc, auc, adc)
+    f = _forms(n, i, hid, forms, terms)
     if f[0]:
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
     else:
         rg = agc.shape[0]
-        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas else 0)))
-        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas else None)
-        ops.beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
-        ops.beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
-    h = swiglu_forward(gu[:, :2 * i])                                       # (N, I)
+        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas or terms else 0)))
+        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas or terms else None)
+        if terms:                                                           # g0 | u0: the kernel adds the terms
+            torch.mm(x2, wg.t(), out=gu[:, :i])
+            torch.mm(x2, wu.t(), out=gu[:, i:2 * i])
+        else:
+            ops.beside_into(gu[:, :i], xas[:, :rg], bgc, sg, x2, wg.t())
+            ops.beside_into(gu[:, i:2 * i], xas[:, rg:], buc, su, x2, wu.t())
+    h = swiglu_forward_terms(gu, bgc, buc, sg, su) if terms else swiglu_forward(gu[:, :2 * i])   # (N, I)
     if f[1]:
         if not need_has:
             return torch.mm(h, wprime.merged_weight(wd, bdc, adc, sd).t()), gu, None   # (N, H)
@@ -142,21 +165,26 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
     n, rg = dy2.shape[0], agc.shape[0]
-    f = forms if forms is not None else mlp_forms(n, i, hid)
+    terms = kernel_terms(dy2, agc, auc, adc)
+    f = _forms(n, i, hid, forms, terms)
     guk, gu = gu, gu[:, :2 * i]                                             # guk: [g | u | x [Ag; Au]^T], if kept
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
     elif f[2]:
         dh, gd = torch.mm(dy2, wprime.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
+    elif terms:                                                             # dh0 = dY Wd: the kernel adds sd gd Ad
+        gd, dh = torch.mm(dy2, bdc), torch.mm(dy2, wd)
     else:                                                                   # sd (dY Bd) Ad + dY Wd
         gd = torch.mm(dy2, bdc)
         dh = ops.beside_into(dy2.new_empty((n, i)), gd, adc.t(), sd, dy2, wd)
     dBd = torch.addmm(bdc, dy2.t(), has, beta=0, alpha=sd) if need_bd else None   # sd dY^T (h Ad^T): (H, rd)
     # [dg | du] (N, 2I), sd (dY Bd)^T h (rd, I), sg dg^T (x Ag^T) (I, rg), su du^T (x Au^T) (I, ru):
-    # one kernel on the GPU, which reads g, u and dh once and never writes h
-    dgu, dAd, dBg, dBu = swiglu_backward_reduce(dh, guk, gd if need_ad else None, sd, rg, sg, su,
-                                                need_bg or need_bu)
+    # one kernel on the GPU, which reads g, u and dh once and never writes h (with the terms, it
+    # also rebuilds g, u and dh from g0, u0, dh0 as the forward kernel built g and u)
+    dgu, dAd, dBg, dBu = swiglu_backward_reduce(dh, guk, gd, sd, rg, sg, su, need_bg or need_bu,
+                                                *((bgc, buc, adc) if terms else (None, None, None)),
+                                                want_ad=need_ad)
     dBg, dBu = dBg if need_bg else None, dBu if need_bu else None
     del dh, gd
     dx = dA = None

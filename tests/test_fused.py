@@ -389,7 +389,45 @@ def test_gpu_swiglu_backward_reduce_matches_reference(n, i, rd, rg, ru, dtype):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_fused_matches_unfused_float32(monkeypatch, forms):
+@pytest.mark.parametrize("n,i,rd,rg,ru,dtype", [
+    (1, 8, 4, 4, 4, torch.bfloat16), (70, 200, 16, 8, 24, torch.bfloat16), (4096, 1536, 16, 16, 16, torch.bfloat16),
+    (2049, 1000, 32, 2, 31, torch.float16), (600, 640, 16, 16, 16, torch.float32), (100, 96, 8, 1, 8, torch.float32)])
+def test_gpu_swiglu_terms_kernels_match_reference(n, i, rd, rg, ru, dtype):
+    """The kernels that add the LoRA terms (g = g0 + sg xag Bg^T, u likewise; dh = dh0 + sd gd Ad)
+    against the float32 reference, forward and backward, every flag combination of the backward."""
+    from lorakit.kernels import swiglu
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    gu, dh, gd = _reduce_inputs(n, i, rd, rg, ru, dtype, "cuda", gen)
+    bg, bu, ad = (torch.randn(*shape, device="cuda", generator=gen).mul_(0.3).to(dtype)
+                  for shape in ((i, rg), (i, ru), (rd, i)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    want = activation.swiglu_forward_terms_reference(gu, bg, bu, 0.7, 1.3)
+    got = swiglu.swiglu_forward_terms(gu, bg, bu, 0.7, 1.3)
+    assert got.dtype == dtype and (got.float() - want.float()).norm() <= tol * want.float().norm()
+    assert torch.equal(swiglu.swiglu_forward_terms(gu, bg, bu, 0.7, 1.3), got)   # through the launcher
+    keep = dh.clone()
+    for want_ad, db, dh_term in ((True, True, True), (False, True, True), (True, False, False), (False, False, False)):
+        args = (dh, gu, gd, 0.5, rg, 0.7, 1.3, db, bg, bu, ad if dh_term else None)
+        got = swiglu.swiglu_backward_reduce(*args, want_ad=want_ad)
+        assert torch.equal(dh, keep)
+        want = activation.swiglu_backward_reduce_reference(*args, want_ad=want_ad)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
+                assert (a.float() - b.float()).norm() <= tol * b.float().norm(), (want_ad, db, dh_term)
+
+
+@pytest.fixture(params=[True, False], ids=["kernel-terms", "gemm-terms"])
+def kernel_terms(request, monkeypatch):
+    """The GPU's fused MLP with the LoRA terms added in the SwiGLU kernels, or written by GEMMs."""
+    monkeypatch.setattr(fused, "KERNEL_TERMS", request.param)
+    return request.param
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fused_matches_unfused_float32(monkeypatch, forms, kernel_terms):
     model = lora_llama().cuda()
     count = Count(monkeypatch)
     got, want = fused_vs_unfused(model, IDS.cuda())
@@ -399,7 +437,7 @@ def test_gpu_fused_matches_unfused_float32(monkeypatch, forms):
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_fused_bfloat16(monkeypatch, forms):
+def test_gpu_fused_bfloat16(monkeypatch, forms, kernel_terms):
     check_bfloat16(monkeypatch, "cuda")
 
 

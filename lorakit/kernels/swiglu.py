@@ -75,17 +75,73 @@ def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, I, s_dh, s_gu, s_dgu, BLOCK: tl.constex
 
 
 @triton.jit
-def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu, s_gd, rows_per,
-                       sd, sg, su, RD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, AD: tl.constexpr, DB: tl.constexpr,
-                       PREC: tl.constexpr):
+def _b_tile(b_ptr, s_b, cols, mc, R: tl.constexpr, RP: tl.constexpr):
+    """B^T[:, cols] as an (RP, BLOCK) tile for B (I, R) with row stride s_b; ranks past R zero."""
+    kk = tl.arange(0, RP)
+    return tl.load(b_ptr + cols[None, :] * s_b + kk[:, None], mask=(kk < R)[:, None] & mc[None, :], other=0.0)
+
+
+@triton.jit
+def _load_gu(gu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG: tl.constexpr, RU: tl.constexpr,
+             RP: tl.constexpr, GU: tl.constexpr, PREC: tl.constexpr):
+    """(g, u) of a (ROWS, BLOCK) tile in float32: as stored, or with GU g0 + sg xag Bg^T and
+    u0 + su xau Bu^T (gu = [g0 | u0 | xag | xau]; btg, btu: the B^T tiles)."""
+    o = rows[:, None] * s_gu + cols[None, :]
+    g = tl.load(gu_ptr + o, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + o + I, mask=m, other=0.0).to(tl.float32)
+    if GU:
+        kk = tl.arange(0, RP)
+        xa = gu_ptr + rows[:, None] * s_gu + 2 * I + kk[None, :]
+        xag = tl.load(xa, mask=mr[:, None] & (kk < RG)[None, :], other=0.0)
+        xau = tl.load(xa + RG, mask=mr[:, None] & (kk < RU)[None, :], other=0.0)
+        g += sg * tl.dot(xag, btg, input_precision=PREC)
+        u += su * tl.dot(xau, btu, input_precision=PREC)
+    return g, u
+
+
+@triton.jit
+def _fwd_terms_kernel(gu_ptr, bg_ptr, bu_ptr, h_ptr, N, I, s_gu, s_bg, s_bu, s_h, rows_per, sg, su,
+                      RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK: tl.constexpr, PREC: tl.constexpr):
+    """h = silu(g) u with g = g0 + sg xag Bg^T, u = u0 + su xau Bu^T, for BLOCK columns over rows
+    [split * rows_per, +rows_per); the B^T tiles are loaded once per program."""
+    sp = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mc = cols < I
+    btg = _b_tile(bg_ptr, s_bg, cols, mc, RG, RP)
+    btu = _b_tile(bu_ptr, s_bu, cols, mc, RU, RP)
+    r0 = sp * rows_per
+    r1 = tl.minimum(r0 + rows_per, N)
+    for r in range(0, rows_per, ROWS):
+        rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
+        mr = rows < r1
+        m = mr[:, None] & mc[None, :]
+        g, u = _load_gu(gu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG, RU, RP, True, PREC)
+        tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty),
+                 mask=m)
+
+
+@triton.jit
+def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, bg_ptr, bu_ptr, ad_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu,
+                       s_gd, s_bg, s_bu, s_ad, rows_per, sd, sg, su, RD: tl.constexpr, RG: tl.constexpr,
+                       RU: tl.constexpr, RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                       AD: tl.constexpr, DB: tl.constexpr, GU: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):
     """[dg | du] for BLOCK columns over rows [split * rows_per, +rows_per), and in float32, for the
     split's rows, part[split, 0] = sd gd^T h (AD), part[split, 1] = sg xag^T dg, part[split, 2] =
-    su xau^T du (DB), each (RP, I) with ranks past RD, RG, RU zero. h is not written."""
+    su xau^T du (DB), each (RP, I) with ranks past RD, RG, RU zero. h is not written. With GU, g
+    and u are rebuilt as ``_fwd_terms_kernel`` builds them; with DH, dh = dh0 + sd gd Ad."""
     sp = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mc = cols < I
     kk = tl.arange(0, RP)
+    btg = None
+    btu = None
+    adt = None
+    if GU:
+        btg = _b_tile(bg_ptr, s_bg, cols, mc, RG, RP)
+        btu = _b_tile(bu_ptr, s_bu, cols, mc, RU, RP)
+    if DH:
+        adt = tl.load(ad_ptr + kk[:, None] * s_ad + cols[None, :], mask=(kk < RD)[:, None] & mc[None, :], other=0.0)
     acc_d = tl.zeros((RP, BLOCK), dtype=tl.float32)
     acc_g = tl.zeros((RP, BLOCK), dtype=tl.float32)
     acc_u = tl.zeros((RP, BLOCK), dtype=tl.float32)
@@ -96,10 +152,12 @@ def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_
         rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
         mr = rows < r1
         m = mr[:, None] & mc[None, :]
-        o = rows[:, None] * s_gu + cols[None, :]
+        g, u = _load_gu(gu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG, RU, RP, GU, PREC)
         dh = tl.load(dh_ptr + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gu_ptr + o, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + o + I, mask=m, other=0.0).to(tl.float32)
+        gdr = None
+        if DH:
+            gdr = tl.load(gd_ptr + rows[:, None] * s_gd + kk[None, :], mask=mr[:, None] & (kk < RD)[None, :], other=0.0)
+            dh += sd * tl.dot(gdr, adt, input_precision=PREC)
         s = tl.sigmoid(g)
         silu = g * s
         dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(ty)
@@ -108,7 +166,11 @@ def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_
         tl.store(dgu_ptr + od, dg, mask=m)
         tl.store(dgu_ptr + od + I, du, mask=m)
         if AD:
-            gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :], other=0.0)
+            if DH:
+                gt = tl.trans(gdr)
+            else:
+                gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :],
+                             other=0.0)
             acc_d = tl.dot(gt, (silu * u).to(ty), acc_d, input_precision=PREC)
         if DB:
             xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
@@ -124,10 +186,14 @@ def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_
         tl.store(out + 2 * RP * I, acc_u * su, mask=mc[None, :])
 
 
-# ROWS, BLOCK, warps, most row splits, pipeline stages (the fastest at the 1B and 8B shapes of
-# bench/swiglu_reduce.py); a split covers at least SPLIT_ROWS rows
+# ROWS, BLOCK, warps, most row splits, pipeline stages: the fastest at the 1B and 8B shapes of
+# bench/swiglu_reduce.py (REDUCE: the backward without the terms) and bench/swiglu_terms.py
+# (with them); a split covers at least SPLIT_ROWS rows
 REDUCE = (16, 64, 4, 8, 3)
+TERMS_BWD = (32, 64, 4, 8, 3)
+TERMS_FWD = (32, 64, 4, 16, 3)
 SPLIT_ROWS = 256
+MAX_TERMS_RANK = 32         # the terms kernels keep three (RP, BLOCK) factor tiles in registers
 
 _LAUNCHES: dict = {}
 
@@ -141,51 +207,85 @@ def _direct(kernel, n: int, i: int, tensors: tuple[Tensor, ...]):
     return run
 
 
-def _reduce_launch(n: int, i: int, ranks: tuple[int, int, int, int], ad: bool, db: bool,
-                   tensors: tuple[Tensor, ...]) -> tuple[launch.Direct, int, int]:
-    """(launch, row splits, rows per split) of ``_bwd_reduce_kernel`` for these shapes and tensors."""
-    rows, block, warps, most, stages = REDUCE
+def _split(n: int, cfg: tuple) -> tuple[int, int]:
+    """(row splits, rows per split) for N rows under a (ROWS, BLOCK, warps, most splits, stages) config."""
+    rows, most = cfg[0], cfg[3]
     splits = max(1, min(most, triton.cdiv(n, SPLIT_ROWS)))
-    per = triton.cdiv(triton.cdiv(n, splits), rows) * rows
-    k = launch.key(_bwd_reduce_kernel, (n, i, per, ranks, ad, db), *tensors)
+    return splits, triton.cdiv(triton.cdiv(n, splits), rows) * rows
+
+
+def _launch(kernel, cfg: tuple, n: int, i: int, ints: tuple, constexprs: dict, tensors: tuple[Tensor, ...]):
+    """The ``Direct`` launch of a column-block x row-split kernel (grid (I / BLOCK, splits))."""
+    k = launch.key(kernel, (n, i) + ints + tuple(constexprs.values()), *tensors)
     run = _LAUNCHES.get(k)
     if run is None:
-        rd, rg, ru, rp = ranks
+        rows, block, warps, _, stages = cfg
         prec = "ieee" if tensors[0].dtype == torch.float32 else "tf32"
-        run = _LAUNCHES[k] = launch.Direct(
-            _bwd_reduce_kernel, (triton.cdiv(i, block), splits),
-            dict(RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, AD=ad, DB=db, PREC=prec),
-            num_warps=warps, num_stages=stages)
-    return run, splits, per
+        run = _LAUNCHES[k] = launch.Direct(kernel, (triton.cdiv(i, block), _split(n, cfg)[0]),
+                                           dict(**constexprs, ROWS=rows, BLOCK=block, PREC=prec),
+                                           num_warps=warps, num_stages=stages)
+    return run
+
+
+def _rp(*ranks: int) -> int:
+    return max(16, triton.next_power_of_2(max(ranks)))
+
+
+def swiglu_forward_terms(gu: Tensor, bg: Tensor, bu: Tensor, sg: float, su: float) -> Tensor:
+    """h = silu(g) u (N, I) with g = g0 + sg xag Bg^T and u = u0 + su xau Bu^T, for
+    gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru), unit column strides;
+    ranks up to ``MAX_TERMS_RANK``. g and u are added in float32 and never rounded."""
+    i, rg = bg.shape
+    ru, n = bu.shape[1], gu.shape[0]
+    h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
+    if n:
+        _, per = _split(n, TERMS_FWD)
+        run = _launch(_fwd_terms_kernel, TERMS_FWD, n, i, (per,), dict(RG=rg, RU=ru, RP=_rp(rg, ru)), (gu, bg, bu, h))
+        run(gu, bg, bu, h, n, i, gu.stride(0), bg.stride(0), bu.stride(0), h.stride(0), per, float(sg), float(su))
+    return h
 
 
 def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: float, rg: int, sg: float, su: float,
-                           db: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                           db: bool, bg: Optional[Tensor] = None, bu: Optional[Tensor] = None,
+                           ad: Optional[Tensor] = None, want_ad: bool = True
+                           ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dgu, dAd, dBg, dBu) for dh (N, I) and gu = [g | u | xag | xau] (N, 2I + rg + ru), unit
     column strides: dgu = [dg | du] (N, 2I); dAd = sd gd^T h (rd, I) when gd (N, rd) is given;
-    with ``db`` dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru), contiguous. dh is not
-    modified (h is never written)."""
+    with ``db`` dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru), contiguous. With bg and
+    bu, gu holds g0 and u0 and g, u are rebuilt as ``swiglu_forward_terms`` builds them; with ad
+    (rd, I), dh holds dh0 and dh = dh0 + sd gd Ad (gd required); ``want_ad`` False: no dAd even
+    with gd. dh is not modified (h is never written)."""
     n, i = dh.shape
-    ru = gu.shape[1] - 2 * i - rg if db else 0
+    terms = bg is not None
+    ru = gu.shape[1] - 2 * i - rg if db or terms else 0
     rd = gd.shape[1] if gd is not None else 0
     dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
+    need_ad = gd is not None and want_ad
     if n == 0:
         z = torch.zeros
-        return (dgu, None if gd is None else z((rd, i), dtype=gu.dtype, device=gu.device),
+        return (dgu, z((rd, i), dtype=gu.dtype, device=gu.device) if need_ad else None,
                 *((z((i, rg), dtype=gu.dtype, device=gu.device), z((i, ru), dtype=gu.dtype, device=gu.device))
                   if db else (None, None)))
-    rp = max(16, triton.next_power_of_2(max(rd, rg if db else 0, ru)))
+    rgk = rg if db or terms else 0
+    rp = _rp(rd, rgk, ru)
     g = gd if gd is not None else dh
-    run, splits, per = _reduce_launch(n, i, (rd, rg if db else 0, ru, rp), gd is not None, db, (dh, gu, dgu, g))
+    b0 = bg if terms else dh
+    b1 = bu if terms else dh
+    a0 = ad if ad is not None else dh
+    cfg = TERMS_BWD if terms else REDUCE
+    splits, per = _split(n, cfg)
+    run = _launch(_bwd_reduce_kernel, cfg, n, i, (per,),
+                  dict(RD=rd, RG=rgk, RU=ru, RP=rp, AD=need_ad, DB=db, GU=terms, DH=ad is not None),
+                  (dh, gu, dgu, g, b0, b1, a0))
     part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
-    run(dh, gu, dgu, g, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), g.stride(0), per,
-        float(sd), float(sg), float(su))
+    run(dh, gu, dgu, g, b0, b1, a0, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), g.stride(0),
+        b0.stride(0), b1.stride(0), a0.stride(0), per, float(sd), float(sg), float(su))
     if db:
-        tot = part.sum(0) if gd is not None else part[:, 1:].sum(0)
-        dad = tot[0, :rd].to(gu.dtype) if gd is not None else None
-        tg, tu = (tot[1], tot[2]) if gd is not None else (tot[0], tot[1])
+        tot = part.sum(0) if need_ad else part[:, 1:].sum(0)
+        dad = tot[0, :rd].to(gu.dtype) if need_ad else None
+        tg, tu = (tot[1], tot[2]) if need_ad else (tot[0], tot[1])
         return dgu, dad, _transposed(tg[:rg], gu.dtype), _transposed(tu[:ru], gu.dtype)
-    return dgu, (part[:, 0].sum(0)[:rd].to(gu.dtype) if gd is not None else None), None, None
+    return dgu, (part[:, 0].sum(0)[:rd].to(gu.dtype) if need_ad else None), None, None
 
 
 def _transposed(t: Tensor, dtype: torch.dtype) -> Tensor:
