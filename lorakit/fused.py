@@ -70,7 +70,10 @@ def _stacked_weight(wg: Tensor, wu: Tensor, ag: Tensor, bg: Tensor, au: Tensor, 
     return wprime.stacked_merged_weight([wg, wu], [bg, bu], [ag, au], [sg, su], append_a=append_a)
 
 
-def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[bool, bool, bool, bool]:
+TERMS_PASS = 0.6     # the terms kernel's time over the plain SwiGLU kernel's, in passes over g|u (swiglu_terms_h200.md)
+
+
+def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ, terms: bool = False) -> tuple[bool, bool, bool, bool]:
     """Which of the node's four GEMM sites take the merged form, for N tokens, I, H:
     (gate|up forward, down forward, down backward, gate|up backward); False: added beside W0.
 
@@ -89,18 +92,28 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ) -> tuple[boo
 
     At the 1B shape and 8192 tokens only gate|up backward goes beside W0; at the 8B shape
     (4096 tokens) all four do, with c = 0.5.
+
+    With ``terms`` (``kernel_terms``: the SwiGLU kernels add the LoRA terms of gate|up forward and
+    down backward, so nothing is written before those GEMMs or read in their epilogues) those two
+    sites cost, beside W0, the rank-r GEMM's read of x or dY plus the terms kernel's extra time,
+    ``TERMS_PASS`` of a pass over g|u:
+
+        gate|up forward    beside N (H + 2 I TERMS_PASS)        down backward    beside N H
+
+    That keeps gate|up forward merged at the 1B shape and takes down backward beside W0 at both.
     """
-    return (4 * i * h <= n * (2 * i * (1 + c) + h), 2 * h * i <= n * (h * (1 + c) + i),
-            2 * h * i <= n * (i * (1 + c) + h), 4 * i * h <= n * h * (2 + 2 * c))
+    up = n * (h + 2 * i * TERMS_PASS) if terms else n * (2 * i * (1 + c) + h)
+    down = n * h if terms else n * (i * (1 + c) + h)
+    return (4 * i * h <= up, 2 * h * i <= n * (h * (1 + c) + i), 2 * h * i <= down, 4 * i * h <= n * h * (2 + 2 * c))
 
 
 KERNEL_TERMS = True      # False: the GPU runs the beside-W0 sites as GEMMs writing the terms (benchmarks compare)
 
 
 def kernel_terms(t: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> bool:
-    """Whether the SwiGLU kernels add the LoRA terms themselves (on the GPU, ranks up to
-    ``lorakit.kernels.swiglu.MAX_TERMS_RANK``): then gate|up forward and down backward always go
-    beside W0, and their GEMMs write g0 = x Wg^T, u0 = x Wu^T and dh0 = dY Wd alone."""
+    """Whether the SwiGLU kernels add the LoRA terms of the sites beside W0 themselves (on the GPU,
+    ranks up to ``lorakit.kernels.swiglu.MAX_TERMS_RANK``): gate|up forward and down backward
+    then write g0 = x Wg^T, u0 = x Wu^T and dh0 = dY Wd alone, and ``mlp_forms`` prices them so."""
     if not (KERNEL_TERMS and t.is_cuda):
         return False
     k = kernels.load("swiglu")
@@ -108,8 +121,7 @@ def kernel_terms(t: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> bool:
 
 
 def _forms(n: int, i: int, h: int, forms: Optional[tuple[bool, ...]], terms: bool) -> tuple[bool, ...]:
-    f = forms if forms is not None else mlp_forms(n, i, h)
-    return (False, f[1], False, f[3]) if terms else f
+    return forms if forms is not None else mlp_forms(n, i, h, terms=terms)
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
@@ -129,6 +141,7 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     n = x2.shape[0]
     terms = kernel_terms(x2, agc, auc, adc)
     f = _forms(n, i, hid, forms, terms)
+    terms = terms and not f[0]                                              # the kernel adds gate|up's terms
     if f[0]:
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
     else:
@@ -167,13 +180,14 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     n, rg = dy2.shape[0], agc.shape[0]
     terms = kernel_terms(dy2, agc, auc, adc)
     f = _forms(n, i, hid, forms, terms)
+    gu_terms, dh_terms = terms and not f[0], terms and not f[2]            # which terms the kernel adds
     guk, gu = gu, gu[:, :2 * i]                                             # guk: [g | u | x [Ag; Au]^T], if kept
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
         dh, gd = full[:, :i], full[:, i:]
     elif f[2]:
         dh, gd = torch.mm(dy2, wprime.merged_weight(wd, bdc, adc, sd)), None  # dY W'd  (N, I)
-    elif terms:                                                             # dh0 = dY Wd: the kernel adds sd gd Ad
+    elif dh_terms:                                                          # dh0 = dY Wd: the kernel adds sd gd Ad
         gd, dh = torch.mm(dy2, bdc), torch.mm(dy2, wd)
     else:                                                                   # sd (dY Bd) Ad + dY Wd
         gd = torch.mm(dy2, bdc)
@@ -183,8 +197,8 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     # one kernel on the GPU, which reads g, u and dh once and never writes h (with the terms, it
     # also rebuilds g, u and dh from g0, u0, dh0 as the forward kernel built g and u)
     dgu, dAd, dBg, dBu = swiglu_backward_reduce(dh, guk, gd, sd, rg, sg, su, need_bg or need_bu,
-                                                *((bgc, buc, adc) if terms else (None, None, None)),
-                                                want_ad=need_ad)
+                                                *((bgc, buc) if gu_terms else (None, None)),
+                                                adc if dh_terms else None, want_ad=need_ad)
     dBg, dBu = dBg if need_bg else None, dBu if need_bu else None
     del dh, gd
     dx = dA = None

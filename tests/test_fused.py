@@ -38,7 +38,7 @@ def Count(monkeypatch):
 # The node's four GEMM sites (gate|up forward, down forward, down backward, gate|up backward),
 # each merged (True) or beside W0 (False); tests that take the ``forms`` fixture run under each.
 FORMS = {"merged": (True,) * 4, "beside": (False,) * 4, "mixed": (True, False, True, False),
-         "mixed2": (False, True, False, True)}
+         "mixed2": (False, True, False, True), "mixed3": (True, True, False, False)}
 
 
 @pytest.fixture(params=list(FORMS))
@@ -203,6 +203,9 @@ def test_forms_follow_the_byte_counts():
     assert fused.mlp_forms(4096, 14336, 4096) == (False, False, False, False)
     assert fused.mlp_forms(65536, 8192, 2048) == (True, True, True, True)
     assert fused.mlp_forms(4096, 14336, 4096, c=2.0) == (True, False, True, False)
+    # the LoRA terms in the SwiGLU kernels (GPU): down backward beside W0 at both shapes
+    assert fused.mlp_forms(8192, 8192, 2048, terms=True) == (True, True, False, False)
+    assert fused.mlp_forms(4096, 14336, 4096, terms=True) == (False, False, False, False)
 
 
 def test_swiglu_writes_into_a_given_output():
@@ -406,8 +409,9 @@ def test_gpu_swiglu_terms_kernels_match_reference(n, i, rd, rg, ru, dtype):
     assert got.dtype == dtype and (got.float() - want.float()).norm() <= tol * want.float().norm()
     assert torch.equal(swiglu.swiglu_forward_terms(gu, bg, bu, 0.7, 1.3), got)   # through the launcher
     keep = dh.clone()
-    for want_ad, db, dh_term in ((True, True, True), (False, True, True), (True, False, False), (False, False, False)):
-        args = (dh, gu, gd, 0.5, rg, 0.7, 1.3, db, bg, bu, ad if dh_term else None)
+    for gu_term, dh_term, want_ad, db in ((True, True, True, True), (True, True, False, True), (True, False, True, False),
+                                          (True, False, False, False), (False, True, True, True), (False, True, False, False)):
+        args = (dh, gu, gd, 0.5, rg, 0.7, 1.3, db, *((bg, bu) if gu_term else (None, None)), ad if dh_term else None)
         got = swiglu.swiglu_backward_reduce(*args, want_ad=want_ad)
         assert torch.equal(dh, keep)
         want = activation.swiglu_backward_reduce_reference(*args, want_ad=want_ad)
@@ -415,7 +419,7 @@ def test_gpu_swiglu_terms_kernels_match_reference(n, i, rd, rg, ru, dtype):
             assert (a is None) == (b is None)
             if a is not None:
                 assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
-                assert (a.float() - b.float()).norm() <= tol * b.float().norm(), (want_ad, db, dh_term)
+                assert (a.float() - b.float()).norm() <= tol * b.float().norm(), (gu_term, dh_term, want_ad, db)
 
 
 @pytest.fixture(params=[True, False], ids=["kernel-terms", "gemm-terms"])

@@ -13,7 +13,8 @@ own launcher for that compiled kernel (the one ``JITFunction.run`` ends with).
 The caller keeps one ``Direct`` per key, and the key must fix everything the compiled
 kernel was specialized on: every integer argument's value (Triton specializes integers
 equal to 1 and multiples of 16), each pointer's 16-byte alignment (``aligned``), the dtypes
-and the constexprs. The constexprs must be the kernel's last parameters.
+and the constexprs. The constexprs must be the kernel's last parameters (passed in any order:
+the launcher takes them in the kernel's).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Direct:
         self.fn = fn
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.constexprs = constexprs
-        self.tail = tuple(constexprs.values())          # in the kernel's order: its last parameters
+        names = getattr(fn, "arg_names", None) or list(constexprs)
+        self.tail = tuple(constexprs[n] for n in names if n in constexprs)   # in the kernel's order
         self.options = options
         self.launcher: Optional[Callable] = None
         self.run: Optional[Callable] = None
