@@ -17,6 +17,11 @@ BLOCK columns and loop over rows, and Triton pipelines the loads through shared 
 B^T's tile (RP, BLOCK) is loaded once per program. g and u are never stored complete, so the
 backward rebuilds them (the same fp32 arithmetic: the same values).
 
+Result (``swiglu_terms_h200.md``): at 8B the forward took 124 us against 176 us for the plain
+kernel and the GEMMs writing the terms, and the backward 211 us against 253 us. The design went
+into the library (``lorakit.kernels.swiglu``); the 8B training step went from 0.947x to 0.967x of
+the bound.
+
     PYTHONPATH=. python bench/swiglu_terms.py --aot
     PYTHONPATH=. python bench/swiglu_terms.py --out bench/results/swiglu_terms_h200
 """

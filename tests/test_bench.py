@@ -184,3 +184,27 @@ def test_augmented_experiment_matches_the_fused_node():
     t = mlp_forms.tensors("smol", 4, "cpu", torch.float32)
     for pad in (8, 64):
         assert augmented.check(t, pad) < 1e-5
+
+
+def test_swiglu_reduce_and_terms_references_agree_with_the_library():
+    """bench/swiglu_reduce.py's and bench/swiglu_terms.py's float32 references (what their kernels
+    are checked against on the GPU) compute what lorakit.activation's references compute."""
+    from bench import swiglu_reduce, swiglu_terms
+    from lorakit import activation
+    n, i, r = 9, 24, 3
+    t = swiglu_reduce.inputs(n, i, r, "cpu", torch.float32)
+    gu, ad, dh, gd = t["gu"], t["ad"], t["dh"], t["gd"]
+    h, has, dgu, dad, dbg, dbu = swiglu_reduce.reference(gu, ad, dh, gd, 0.5, r, 0.7, 1.3)
+    want = activation.swiglu_backward_reduce_reference(dh, gu, gd, 0.5, r, 0.7, 1.3, True)
+    for a, b in zip((dgu, dad, dbg, dbu), want):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(h, activation.swiglu_forward_reference(gu[:, :2 * i]), atol=1e-6)
+    assert torch.allclose(has, h @ ad.t(), atol=1e-5)
+    t = swiglu_terms.inputs(n, i, r, "cpu", torch.float32)
+    got = swiglu_terms.reference(t["gu"], t["bg"], t["bu"], t["ad"], t["dh"], t["gd"], 0.7, 1.3, 0.5)
+    assert torch.allclose(got[0], activation.swiglu_forward_terms_reference(t["gu"], t["bg"], t["bu"], 0.7, 1.3),
+                          atol=1e-6)
+    want = activation.swiglu_backward_reduce_reference(t["dh"], t["gu"], t["gd"], 0.5, r, 0.7, 1.3, True,
+                                                       t["bg"], t["bu"], t["ad"])
+    for a, b in zip(got[1:], want):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -1,7 +1,7 @@
 """Triton kernels for the gated (SwiGLU) activation of a fused LoRA MLP.
 
-Shapes (the plain-PyTorch reference of both functions is in ``lorakit.fused``; GPU tests
-compare the two):
+Shapes (the plain-PyTorch references of every function are in ``lorakit.activation``; GPU
+tests compare the two):
 
     gu   (N, 2I)  the gate and up projections side by side: g = gu[:, :I], u = gu[:, I:]
     h    (N, I)   the activation: h = silu(g) * u = g sigmoid(g) u
@@ -29,6 +29,18 @@ the tiles of h, dg and du (rounded to the storage dtype, as the GEMMs they repla
 splits' partial sums are added afterwards. Its configuration was chosen on the H200
 (``bench/swiglu_reduce.py``, ``swiglu_reduce_h200_s13b.md``): at the 8B shape it takes 214 us
 against 276 us for the plain kernel and the three GEMMs, at the 1B shape 230 against 315 us.
+In a loop whose loads feed ``tl.dot`` Triton pipelines them through shared memory (16-byte
+``cp.async``), which keeps the elementwise tiles' loads wide (``bench/swiglu_reduce.py --aot``).
+
+``swiglu_forward_terms`` and the backward's GU / DH flags add the LoRA terms of the MLP's sites
+beside W0 in the same shape, so the GEMMs write x Wg^T, x Wu^T and dY Wd alone:
+
+    g = g0 + sg xag Bg^T     u = u0 + su xau Bu^T     (forward; rebuilt the same way in backward)
+    dh = dh0 + sd gd Ad                               (backward)
+
+in float32, never rounded; each program loads its (RP, BLOCK) tiles of Bg^T, Bu^T and Ad once.
+At the 8B shape: forward 124 us against 176 us for the plain kernel and the GEMMs writing the
+terms; backward 211 us against 253 us (``bench/swiglu_terms.py``, ``swiglu_terms_h200.md``).
 """
 
 from __future__ import annotations
