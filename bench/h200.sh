@@ -202,7 +202,7 @@ case "${1:-}" in
       --variants "${VARIANTS_8B:-bound,lorakit}" --out $R/train_step_8b_h200_s8d 2>&1 | tee -a "$LOG"
     ;;
   s13j)
-    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_ops.py -k "not compile" \
+    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_ops.py -k "few_rows or merged_weight or stacked or swiglu" \
       "tests/test_fused.py::test_gpu_swiglu_terms_kernels_match_reference" "tests/test_fused.py::test_gpu_swiglu_backward_reduce_matches_reference" "tests/test_fused.py::test_gpu_swiglu_kernels_match_reference" > $OUT/tests.txt 2>&1; tail -8 $OUT/tests.txt | tee -a "$LOG"
     timeout 120 python3 bench/train_step.py --device cuda --size 1b \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile,lorakit+gemm-terms+compile}" --out $R/train_step_1b_h200_s13j 2>&1 | tee -a "$LOG"
