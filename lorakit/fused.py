@@ -107,7 +107,9 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ, terms: bool 
     return (4 * i * h <= up, 2 * h * i <= n * (h * (1 + c) + i), 2 * h * i <= down, 4 * i * h <= n * h * (2 + 2 * c))
 
 
-KERNEL_TERMS = True      # False: the GPU runs the beside-W0 sites as GEMMs writing the terms (benchmarks compare)
+# False: the GPU runs the beside-W0 sites as GEMMs writing the terms (benchmarks compare). Set it
+# between training steps, never between a forward and its backward (which must agree on it).
+KERNEL_TERMS = True
 
 
 def kernel_terms(t: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> bool:
