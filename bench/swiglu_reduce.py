@@ -27,7 +27,9 @@ Result (``swiglu_reduce_h200_s13a.md``, ``_s13b.md``): the backward, with dBg = 
 dBu = su du^T xau folded in too, took 214 us at 8B against 276 us for the plain kernel and the
 three GEMMs (1B: 230 against 315 us), and went into the library (``lorakit.kernels.swiglu``). The
 forward lost (160 us at best against 122 us): its reduction runs along rows, against the
-programs' column blocks.
+programs' column blocks. The backward this file times is now the library's kernel
+(``_bwd_reduce_kernel`` without its terms); the results above came from the experiment's own
+copy, which the library took over (commit 50fc038 and after).
 
 * ``--aot``: no GPU needed. Compiles each configuration for sm_90 and reports registers and
   global loads per thread, against the plain kernels.
@@ -56,6 +58,12 @@ except ImportError:                                          # pragma: no cover 
     triton = tl = None
 
 SHAPES = {"1b": (8192, 8192), "8b": (4096, 14336)}          # (N tokens, I)
+_P, _I, _F = "*bf16", "i32", "fp32"
+# the library backward's signature for compile_sm90 (bfloat16 tensors)
+BWD_SIG = dict(dh_ptr=_P, gu_ptr=_P, dgu_ptr=_P, gd_ptr=_P, bg_ptr=_P, bu_ptr=_P, ad_ptr=_P, part_ptr="*fp32", N=_I, I=_I,
+               s_dh=_I, s_gu=_I, s_dgu=_I, s_gd=_I, s_bg=_I, s_bu=_I, s_ad=_I, rows_per=_I, sd=_F, sg=_F, su=_F,
+               RD="constexpr", RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr",
+               AD="constexpr", DB="constexpr", GU="constexpr", DH="constexpr", PREC="constexpr")
 # (ROWS, BLOCK, warps, splits, stages): forward splits the columns, backward the rows
 FWD_CONFIGS = [(32, 128, 4, 4, 3), (32, 64, 4, 4, 4), (32, 64, 4, 8, 3), (32, 64, 4, 16, 3), (64, 64, 4, 8, 3),
                (64, 64, 4, 16, 3), (32, 128, 4, 8, 3), (64, 128, 8, 8, 3), (16, 64, 4, 16, 3)]
@@ -91,53 +99,6 @@ if triton is not None:
             acc = tl.dot(h, at, acc)
         tl.store(part_ptr + (sp * N + rows[:, None]) * RP + kk[None, :], acc, mask=mr[:, None])
 
-    @triton.jit
-    def _bwd_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu, s_gd, rows_per, sd, sg, su,
-                    RD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr, DB: tl.constexpr):
-        """[dg | du] for BLOCK columns over rows [split * rows_per, +rows_per), and in float32
-        part[split, 0, :, cols] = sd gd[rows, :]^T h[rows, cols]      (dAd, (RD, I))
-        and with DB also
-        part[split, 1, :, cols] = sg xag[rows, :]^T dg[rows, cols]    (dBg^T, (RG, I))
-        part[split, 2, :, cols] = su xau[rows, :]^T du[rows, cols]    (dBu^T, (RU, I))
-        where gu = [g | u | xag | xau] (N, 2I + RG + RU). h is not written."""
-        sp = tl.program_id(1)
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mc = cols < I
-        kk = tl.arange(0, RP)
-        acc_d = tl.zeros((RP, BLOCK), dtype=tl.float32)
-        acc_g = tl.zeros((RP, BLOCK), dtype=tl.float32)
-        acc_u = tl.zeros((RP, BLOCK), dtype=tl.float32)
-        r0 = sp * rows_per
-        r1 = tl.minimum(r0 + rows_per, N)
-        ty = dgu_ptr.dtype.element_ty
-        for r in range(0, rows_per, ROWS):
-            rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
-            mr = rows < r1
-            m = mr[:, None] & mc[None, :]
-            o = rows[:, None] * s_gu + cols[None, :]
-            dh = tl.load(dh_ptr + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            g = tl.load(gu_ptr + o, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(gu_ptr + o + I, mask=m, other=0.0).to(tl.float32)
-            s = tl.sigmoid(g)
-            silu = g * s
-            od = rows[:, None] * s_dgu + cols[None, :]
-            dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(ty)
-            du = (dh * silu).to(ty)
-            tl.store(dgu_ptr + od, dg, mask=m)
-            tl.store(dgu_ptr + od + I, du, mask=m)
-            gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :], other=0.0)
-            acc_d = tl.dot(gt, (silu * u).to(ty), acc_d)
-            if DB:
-                xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
-                acc_g = tl.dot(tl.load(xa, mask=(kk < RG)[:, None] & mr[None, :], other=0.0), dg, acc_g)
-                acc_u = tl.dot(tl.load(xa + RG, mask=(kk < RU)[:, None] & mr[None, :], other=0.0), du, acc_u)
-        out = part_ptr + ((sp * 3) * RP + kk[:, None]) * I + cols[None, :]
-        tl.store(out, acc_d * sd, mask=mc[None, :])
-        if DB:
-            tl.store(out + RP * I, acc_g * sg, mask=mc[None, :])
-            tl.store(out + 2 * RP * I, acc_u * su, mask=mc[None, :])
-
 
 def _rp(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
@@ -159,7 +120,9 @@ def forward(gu, ad, cfg):
 
 def backward(dh, gu, gd, sd, cfg, rg=0, sg=1.0, su=1.0):
     """([dg | du] (N, 2I), sd gd^T h (rd, I)), and with ``rg`` (gu then [g | u | xag | xau]) also
-    dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru) (the kernel); dh is not modified."""
+    dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru): the library's ``_bwd_reduce_kernel``
+    (no terms) launched with configuration ``cfg``; dh is not modified."""
+    from lorakit.kernels import swiglu
     rows, block, warps, splits, stages = cfg
     n, i = dh.shape
     rd, ru = gd.shape[1], gu.shape[1] - 2 * i - rg
@@ -167,10 +130,10 @@ def backward(dh, gu, gd, sd, cfg, rg=0, sg=1.0, su=1.0):
     dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
     per = triton.cdiv(triton.cdiv(n, splits), rows) * rows
     part = torch.zeros((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
-    _bwd_kernel[(triton.cdiv(i, block), splits)](dh, gu, dgu, gd, part, n, i, dh.stride(0), gu.stride(0),
-                                                 dgu.stride(0), gd.stride(0), per, sd, sg, su,
-                                                 RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, DB=rg > 0,
-                                                 num_warps=warps, num_stages=stages)
+    swiglu._bwd_reduce_kernel[(triton.cdiv(i, block), splits)](
+        dh, gu, dgu, gd, dh, dh, dh, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), gd.stride(0), 0, 0, 0, per,
+        sd, sg, su, RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, AD=True, DB=rg > 0, GU=False, DH=False,
+        PREC="ieee" if gu.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     if not rg:
         return dgu, part[:, 0].sum(0)[:rd].to(gu.dtype)
     tot = part.sum(0)
@@ -232,17 +195,16 @@ def aot_rows(r: int) -> list[dict]:
     plain_b = dict(dh_ptr=b16, gu_ptr=b16, dgu_ptr=b16, I=i32, s_dh=i32, s_gu=i32, s_dgu=i32, BLOCK="constexpr")
     fwd = dict(gu_ptr=b16, h_ptr=b16, ad_ptr=b16, part_ptr="*fp32", N=i32, I=i32, s_gu=i32, s_h=i32, s_ad=i32,
                cols_per=i32, R="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr")
-    bwd = dict(dh_ptr=b16, gu_ptr=b16, dgu_ptr=b16, gd_ptr=b16, part_ptr="*fp32", N=i32, I=i32, s_dh=i32,
-               s_gu=i32, s_dgu=i32, s_gd=i32, rows_per=i32, sd="fp32", sg="fp32", su="fp32", RD="constexpr",
-               RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr", DB="constexpr")
     rows = [dict(kernel="plain fwd", config="1 x 1024, 4 warps",
                  **compile_sm90(swiglu._fwd_kernel, plain_f, dict(BLOCK=swiglu.BLOCK), 4, range(5))),
             dict(kernel="plain bwd", config="1 x 1024, 4 warps",
                  **compile_sm90(swiglu._bwd_kernel, plain_b, dict(BLOCK=swiglu.BLOCK), 4, range(7)))]
     for kernel, fn, sig, cfgs, n_aligned, extra in (
             ("reduce fwd", _fwd_kernel, fwd, FWD_CONFIGS, 10, dict(R=r)),
-            ("reduce bwd", _bwd_kernel, bwd, BWD_CONFIGS, 12, dict(RD=r, RG=r, RU=r, DB=False)),
-            ("reduce bwd + dB", _bwd_kernel, bwd, BWD_CONFIGS, 12, dict(RD=r, RG=r, RU=r, DB=True))):
+            ("reduce bwd", swiglu._bwd_reduce_kernel, BWD_SIG, BWD_CONFIGS, 18,
+             dict(RD=r, RG=r, RU=r, AD=True, DB=False, GU=False, DH=False, PREC="tf32")),
+            ("reduce bwd + dB", swiglu._bwd_reduce_kernel, BWD_SIG, BWD_CONFIGS, 18,
+             dict(RD=r, RG=r, RU=r, AD=True, DB=True, GU=False, DH=False, PREC="tf32"))):
         for rows_, block, warps, splits, stages in cfgs:
             cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, **extra)
             rows.append(dict(kernel=kernel, config=f"{rows_} x {block}, {warps} warps, {stages} stages",
@@ -254,7 +216,7 @@ def aot_rows(r: int) -> list[dict]:
 
 
 def _plain_bwd(swiglu, dh, gu, gd, rg=0):
-    """What the library runs today: the plain kernel (h written over a copy of dh), then sd gd^T h,
+    """What the library ran before: the plain kernel (h written over a copy of dh), then sd gd^T h,
     and with ``rg`` (gu = [g | u | xag | xau]) the two dB GEMMs reading dg and du."""
     i = dh.shape[1]
     h = dh.clone()

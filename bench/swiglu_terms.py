@@ -1,4 +1,4 @@
-"""The LoRA terms added inside the SwiGLU kernels, fourth design: the pipelined loop (experiment)
+"""The LoRA terms added inside the SwiGLU kernels, fourth design: the pipelined loop
 
 Beside W0 the fused MLP writes the rank-r products into g|u (N, 2I) and dh (N, I) before the big
 GEMMs accumulate onto them (``lorakit.fused.mlp_forms``); at the 8B shape these writes and their
@@ -15,7 +15,10 @@ BLOCK columns and loop over rows, and Triton pipelines the loads through shared 
                [dg | du] and, as lorakit's backward kernel does, dAd = sd gd^T h, dBg, dBu
 
 B^T's tile (RP, BLOCK) is loaded once per program. g and u are never stored complete, so the
-backward rebuilds them (the same fp32 arithmetic: the same values).
+backward rebuilds them (the same fp32 arithmetic: the same values). The kernels are the
+library's (``lorakit.kernels.swiglu``); this file sweeps their configurations. (Its results were
+measured on the experiment's own copy of the kernels, which the library took over, adding
+its flags, in commit bc455aa.)
 
 Result (``swiglu_terms_h200.md``): at 8B the forward took 124 us against 176 us for the plain
 kernel and the GEMMs writing the terms, and the backward 211 us against 253 us. The design went
@@ -49,88 +52,6 @@ CONFIGS = [(16, 64, 4, 8, 3), (32, 64, 4, 8, 3), (16, 128, 4, 8, 3), (32, 128, 4
            (16, 64, 4, 4, 3), (32, 64, 4, 16, 3), (64, 128, 8, 4, 3)]
 
 
-if triton is not None:
-    @triton.jit
-    def _gu(gu_ptr, bg_ptr, bu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu,
-            RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr):
-        """(g, u) in float32: g0 + sg xag Bg^T, u0 + su xau Bu^T for a (ROWS, BLOCK) tile."""
-        kk = tl.arange(0, RP)
-        o = rows[:, None] * s_gu + cols[None, :]
-        g = tl.load(gu_ptr + o, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + o + I, mask=m, other=0.0).to(tl.float32)
-        xa = gu_ptr + rows[:, None] * s_gu + 2 * I + kk[None, :]
-        xag = tl.load(xa, mask=mr[:, None] & (kk < RG)[None, :], other=0.0)
-        xau = tl.load(xa + RG, mask=mr[:, None] & (kk < RU)[None, :], other=0.0)
-        g += sg * tl.dot(xag, btg)
-        u += su * tl.dot(xau, btu)
-        return g, u
-
-    @triton.jit
-    def _bt(b_ptr, cols, mc, R: tl.constexpr, RP: tl.constexpr):
-        """B^T's (RP, BLOCK) tile for B (I, R) contiguous; ranks past R zero."""
-        kk = tl.arange(0, RP)
-        return tl.load(b_ptr + cols[None, :] * R + kk[:, None], mask=(kk < R)[:, None] & mc[None, :], other=0.0)
-
-    @triton.jit
-    def _fwd_kernel(gu_ptr, bg_ptr, bu_ptr, h_ptr, N, I, s_gu, s_h, rows_per, sg, su,
-                    RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        sp = tl.program_id(1)
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mc = cols < I
-        btg = _bt(bg_ptr, cols, mc, RG, RP)
-        btu = _bt(bu_ptr, cols, mc, RU, RP)
-        r0 = sp * rows_per
-        r1 = tl.minimum(r0 + rows_per, N)
-        for r in range(0, rows_per, ROWS):
-            rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
-            mr = rows < r1
-            m = mr[:, None] & mc[None, :]
-            g, u = _gu(gu_ptr, bg_ptr, bu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG, RU, RP)
-            tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty),
-                     mask=m)
-
-    @triton.jit
-    def _bwd_kernel(dh_ptr, gu_ptr, bg_ptr, bu_ptr, ad_ptr, dgu_ptr, gd_ptr, part_ptr, N, I, s_dh, s_gu, s_dgu,
-                    s_gd, rows_per, sd, sg, su, RD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
-                    RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        sp = tl.program_id(1)
-        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mc = cols < I
-        kk = tl.arange(0, RP)
-        btg = _bt(bg_ptr, cols, mc, RG, RP)
-        btu = _bt(bu_ptr, cols, mc, RU, RP)
-        adt = tl.load(ad_ptr + kk[:, None] * I + cols[None, :], mask=(kk < RD)[:, None] & mc[None, :], other=0.0)
-        acc_d = tl.zeros((RP, BLOCK), dtype=tl.float32)
-        acc_g = tl.zeros((RP, BLOCK), dtype=tl.float32)
-        acc_u = tl.zeros((RP, BLOCK), dtype=tl.float32)
-        r0 = sp * rows_per
-        r1 = tl.minimum(r0 + rows_per, N)
-        ty = dgu_ptr.dtype.element_ty
-        for r in range(0, rows_per, ROWS):
-            rows = (r0 + r + tl.arange(0, ROWS)).to(tl.int64)
-            mr = rows < r1
-            m = mr[:, None] & mc[None, :]
-            g, u = _gu(gu_ptr, bg_ptr, bu_ptr, rows, cols, mr, m, I, s_gu, sg, su, btg, btu, RG, RU, RP)
-            gdr = tl.load(gd_ptr + rows[:, None] * s_gd + kk[None, :], mask=mr[:, None] & (kk < RD)[None, :], other=0.0)
-            dh = tl.load(dh_ptr + rows[:, None] * s_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            dh += sd * tl.dot(gdr, adt)
-            s = tl.sigmoid(g)
-            silu = g * s
-            dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(ty)
-            du = (dh * silu).to(ty)
-            od = rows[:, None] * s_dgu + cols[None, :]
-            tl.store(dgu_ptr + od, dg, mask=m)
-            tl.store(dgu_ptr + od + I, du, mask=m)
-            acc_d = tl.dot(tl.trans(gdr), (silu * u).to(ty), acc_d)
-            xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
-            acc_g = tl.dot(tl.load(xa, mask=(kk < RG)[:, None] & mr[None, :], other=0.0), dg, acc_g)
-            acc_u = tl.dot(tl.load(xa + RG, mask=(kk < RU)[:, None] & mr[None, :], other=0.0), du, acc_u)
-        out = part_ptr + (sp * 3 * RP + kk[:, None]) * I + cols[None, :]
-        tl.store(out, acc_d * sd, mask=mc[None, :])
-        tl.store(out + RP * I, acc_g * sg, mask=mc[None, :])
-        tl.store(out + 2 * RP * I, acc_u * su, mask=mc[None, :])
-
-
 def _rp(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -139,31 +60,39 @@ def _split(n, rows, splits):
     return triton.cdiv(triton.cdiv(n, splits), rows) * rows
 
 
+def _prec(t):
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
 def forward(gu, bg, bu, sg, su, cfg):
-    """h (N, I) for gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru)."""
+    """h (N, I) for gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru): the library's
+    ``_fwd_terms_kernel`` launched with configuration ``cfg``."""
+    from lorakit.kernels import swiglu
     rows, block, warps, splits, stages = cfg
     i, rg, ru = bg.shape[0], bg.shape[1], bu.shape[1]
     n = gu.shape[0]
     h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
-    _fwd_kernel[(triton.cdiv(i, block), splits)](gu, bg, bu, h, n, i, gu.stride(0), h.stride(0),
-                                                 _split(n, rows, splits), sg, su, RG=rg, RU=ru, RP=_rp(max(rg, ru)),
-                                                 ROWS=rows, BLOCK=block, num_warps=warps, num_stages=stages)
+    swiglu._fwd_terms_kernel[(triton.cdiv(i, block), splits)](
+        gu, bg, bu, h, n, i, gu.stride(0), bg.stride(0), bu.stride(0), h.stride(0), _split(n, rows, splits), sg, su,
+        RG=rg, RU=ru, RP=_rp(max(rg, ru)), ROWS=rows, BLOCK=block, PREC=_prec(gu), num_warps=warps, num_stages=stages)
     return h
 
 
 def backward(dh, gu, bg, bu, ad, gd, sg, su, sd, cfg):
     """([dg | du], dAd (rd, I), dBg (I, rg), dBu (I, ru)) with g, u rebuilt as ``forward`` and
-    dh = dh0 + sd gd Ad."""
+    dh = dh0 + sd gd Ad: the library's ``_bwd_reduce_kernel`` with every flag, configuration ``cfg``."""
+    from lorakit.kernels import swiglu
     rows, block, warps, splits, stages = cfg
     i, rg, ru, rd = bg.shape[0], bg.shape[1], bu.shape[1], ad.shape[0]
     n = gu.shape[0]
     rp = _rp(max(rg, ru, rd))
     dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
     part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
-    _bwd_kernel[(triton.cdiv(i, block), splits)](dh, gu, bg, bu, ad, dgu, gd, part, n, i, dh.stride(0), gu.stride(0),
-                                                 dgu.stride(0), gd.stride(0), _split(n, rows, splits), sd, sg, su,
-                                                 RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block,
-                                                 num_warps=warps, num_stages=stages)
+    swiglu._bwd_reduce_kernel[(triton.cdiv(i, block), splits)](
+        dh, gu, dgu, gd, bg, bu, ad, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), gd.stride(0),
+        bg.stride(0), bu.stride(0), ad.stride(0), _split(n, rows, splits), sd, sg, su,
+        RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, AD=True, DB=True, GU=True, DH=True, PREC=_prec(gu),
+        num_warps=warps, num_stages=stages)
     tot = part.sum(0)
     return dgu, tot[0, :rd].to(gu.dtype), tot[1, :rg].t().to(gu.dtype), tot[2, :ru].t().to(gu.dtype)
 
@@ -206,19 +135,22 @@ def check(n, i, r, device, dtype, cfgs, tol):
 
 
 def aot_rows(r: int) -> list[dict]:
+    """Registers, stack and loads per thread of the library's terms kernels in each configuration, for sm_90."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from swiglu_lora import compile_sm90
+    from swiglu_reduce import BWD_SIG
+    from lorakit.kernels import swiglu
     i32, b16, f32 = "i32", "*bf16", "fp32"
-    fwd = dict(gu_ptr=b16, bg_ptr=b16, bu_ptr=b16, h_ptr=b16, N=i32, I=i32, s_gu=i32, s_h=i32, rows_per=i32,
-               sg=f32, su=f32, RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr")
-    bwd = dict(dh_ptr=b16, gu_ptr=b16, bg_ptr=b16, bu_ptr=b16, ad_ptr=b16, dgu_ptr=b16, gd_ptr=b16, part_ptr="*fp32",
-               N=i32, I=i32, s_dh=i32, s_gu=i32, s_dgu=i32, s_gd=i32, rows_per=i32, sd=f32, sg=f32, su=f32,
-               RD="constexpr", RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr", BLOCK="constexpr")
+    fwd = dict(gu_ptr=b16, bg_ptr=b16, bu_ptr=b16, h_ptr=b16, N=i32, I=i32, s_gu=i32, s_bg=i32, s_bu=i32, s_h=i32,
+               rows_per=i32, sg=f32, su=f32, RG="constexpr", RU="constexpr", RP="constexpr", ROWS="constexpr",
+               BLOCK="constexpr", PREC="constexpr")
     rows = []
-    for kernel, fn, sig, n_aligned, extra in (("terms fwd", _fwd_kernel, fwd, 9, dict(RG=r, RU=r)),
-                                              ("terms bwd", _bwd_kernel, bwd, 15, dict(RD=r, RG=r, RU=r))):
+    for kernel, fn, sig, n_aligned, extra in (
+            ("terms fwd", swiglu._fwd_terms_kernel, fwd, 11, dict(RG=r, RU=r)),
+            ("terms bwd", swiglu._bwd_reduce_kernel, BWD_SIG, 18, dict(RD=r, RG=r, RU=r, AD=True, DB=True, GU=True,
+                                                                      DH=True))):
         for rows_, block, warps, splits, stages in CONFIGS:
-            cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, **extra)
+            cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, PREC="tf32", **extra)
             rows.append(dict(kernel=kernel, config=f"{rows_} x {block}, {warps} warps, {stages} stages",
                              **compile_sm90(fn, sig, cex, warps, range(n_aligned), stages)))
     for row in rows:

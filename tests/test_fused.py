@@ -363,6 +363,16 @@ def test_gpu_swiglu_kernels_match_reference(n, i):
     assert torch.equal(swiglu.swiglu_backward(c, gu, out=wide[:, :2 * i]), got) and not wide[:, 2 * i:].any()
 
 
+def _assert_outputs_match(got, want, dtype, tol, case):
+    """Kernel outputs (tensors or None) against the reference's: same presence, dtype, shape,
+    contiguous, relative Frobenius error within ``tol``."""
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None), case
+        if a is not None:
+            assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous(), case
+            assert (a.float() - b.float()).norm() <= tol * b.float().norm(), case
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("n,i,rd,rg,ru,dtype", [
@@ -381,11 +391,7 @@ def test_gpu_swiglu_backward_reduce_matches_reference(n, i, rd, rg, ru, dtype):
         got = swiglu.swiglu_backward_reduce(dh, gu, g, 0.5, rg, 0.7, 1.3, db)
         assert torch.equal(dh, keep)                                        # h is not written over dh
         want = activation.swiglu_backward_reduce_unfused(dh.clone(), gu, g, 0.5, rg, 0.7, 1.3, db)
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
-                assert (a.float() - b.float()).norm() <= tol * b.float().norm(), (gd_given, db)
+        _assert_outputs_match(got, want, dtype, tol, (gd_given, db))
         again = swiglu.swiglu_backward_reduce(dh, gu, g, 0.5, rg, 0.7, 1.3, db)   # through the launcher
         assert all(a is None or torch.equal(a, b) for a, b in zip(got, again))
 
@@ -415,11 +421,7 @@ def test_gpu_swiglu_terms_kernels_match_reference(n, i, rd, rg, ru, dtype):
         got = swiglu.swiglu_backward_reduce(*args, want_ad=want_ad)
         assert torch.equal(dh, keep)
         want = activation.swiglu_backward_reduce_reference(*args, want_ad=want_ad)
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert a.dtype == dtype and a.shape == b.shape and a.is_contiguous()
-                assert (a.float() - b.float()).norm() <= tol * b.float().norm(), (gu_term, dh_term, want_ad, db)
+        _assert_outputs_match(got, want, dtype, tol, (gu_term, dh_term, want_ad, db))
 
 
 @pytest.fixture(params=[True, False], ids=["kernel-terms", "gemm-terms"])
