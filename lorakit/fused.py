@@ -122,8 +122,14 @@ def kernel_terms(t: Tensor, ag: Tensor, au: Tensor, ad: Tensor) -> bool:
     return k is not None and max(ag.shape[0], au.shape[0], ad.shape[0]) <= k.MAX_TERMS_RANK
 
 
-def _forms(n: int, i: int, h: int, forms: Optional[tuple[bool, ...]], terms: bool) -> tuple[bool, ...]:
-    return forms if forms is not None else mlp_forms(n, i, h, terms=terms)
+def _plan(t: Tensor, i: int, h: int, ag: Tensor, au: Tensor, ad: Tensor, forms: Optional[tuple[bool, ...]]
+          ) -> tuple[tuple[bool, ...], bool, bool]:
+    """(forms, gu_terms, dh_terms) for N = t's rows: the sites' forms (``forms`` when given, else
+    ``mlp_forms``), and whether the kernels add gate|up's terms and dh's (their sites beside W0).
+    Forward and backward both plan here, so they agree on what gu holds."""
+    terms = kernel_terms(t, ag, au, ad)
+    f = forms if forms is not None else mlp_forms(t.shape[0], i, h, terms=terms)
+    return f, terms and not f[0], terms and not f[2]
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
@@ -141,15 +147,14 @@ def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float,
     """
     i, hid = wg.shape
     n = x2.shape[0]
-    terms = kernel_terms(x2, agc, auc, adc)
-    f = _forms(n, i, hid, forms, terms)
-    terms = terms and not f[0]                                              # the kernel adds gate|up's terms
+    f, terms, _ = _plan(x2, i, hid, agc, auc, adc, forms)                   # terms: the kernel adds gate|up's
     if f[0]:
         gu = torch.mm(x2, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su, append_a=need_xas).t())
     else:
         rg = agc.shape[0]
-        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if need_xas or terms else 0)))
-        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if need_xas or terms else None)
+        keep_xas = need_xas or terms
+        gu = x2.new_empty((n, 2 * i + (rg + auc.shape[0] if keep_xas else 0)))
+        xas = torch.mm(x2, torch.cat([agc, auc]).t(), out=gu[:, 2 * i:] if keep_xas else None)
         if terms:                                                           # g0 | u0: the kernel adds the terms
             torch.mm(x2, wg.t(), out=gu[:, :i])
             torch.mm(x2, wu.t(), out=gu[:, i:2 * i])
@@ -180,9 +185,7 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     need_x, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = need
     i, hid = wg.shape
     n, rg = dy2.shape[0], agc.shape[0]
-    terms = kernel_terms(dy2, agc, auc, adc)
-    f = _forms(n, i, hid, forms, terms)
-    gu_terms, dh_terms = terms and not f[0], terms and not f[2]            # which terms the kernel adds
+    f, gu_terms, dh_terms = _plan(dy2, i, hid, agc, auc, adc, forms)       # which terms the kernel adds
     guk, gu = gu, gu[:, :2 * i]                                             # guk: [g | u | x [Ag; Au]^T], if kept
     if f[2] and need_ad:                                                    # [dY W'd | dY Bd]: one read of dY
         full = torch.mm(dy2, wprime.stacked_merged_weight([wd], [bdc], [adc], [sd], append_b=True))   # (N, I + rd)
