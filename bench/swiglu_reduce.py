@@ -100,12 +100,9 @@ if triton is not None:
         tl.store(part_ptr + (sp * N + rows[:, None]) * RP + kk[None, :], acc, mask=mr[:, None])
 
 
-def _rp(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
 def forward(gu, ad, cfg):
     """(h (N, I), h Ad^T (N, r)) for gu = [g | u] (N, 2I) and Ad (r, I) (the kernel)."""
+    from lorakit.kernels.swiglu import _rp
     rows, block, warps, splits, stages = cfg
     n, i, r = gu.shape[0], ad.shape[1], ad.shape[0]
     rp = _rp(r)
@@ -120,25 +117,11 @@ def forward(gu, ad, cfg):
 
 def backward(dh, gu, gd, sd, cfg, rg=0, sg=1.0, su=1.0):
     """([dg | du] (N, 2I), sd gd^T h (rd, I)), and with ``rg`` (gu then [g | u | xag | xau]) also
-    dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru): the library's ``_bwd_reduce_kernel``
-    (no terms) launched with configuration ``cfg``; dh is not modified."""
+    dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru): the library's ``swiglu_backward_reduce``
+    (no terms) in configuration ``cfg``; dh is not modified."""
     from lorakit.kernels import swiglu
-    rows, block, warps, splits, stages = cfg
-    n, i = dh.shape
-    rd, ru = gd.shape[1], gu.shape[1] - 2 * i - rg
-    rp = _rp(max(rd, rg, ru))
-    dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
-    per = triton.cdiv(triton.cdiv(n, splits), rows) * rows
-    part = torch.zeros((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
-    swiglu._bwd_reduce_kernel[(triton.cdiv(i, block), splits)](
-        dh, gu, dgu, gd, dh, dh, dh, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), gd.stride(0), 0, 0, 0, per,
-        sd, sg, su, RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, AD=True, DB=rg > 0, GU=False, DH=False,
-        PREC="ieee" if gu.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
-    if not rg:
-        return dgu, part[:, 0].sum(0)[:rd].to(gu.dtype)
-    tot = part.sum(0)
-    return (dgu, tot[0, :rd].to(gu.dtype), tot[1, :rg].t().to(gu.dtype, memory_format=torch.contiguous_format),
-            tot[2, :ru].t().to(gu.dtype, memory_format=torch.contiguous_format))
+    out = swiglu.swiglu_backward_reduce(dh, gu, gd, sd, rg, sg, su, rg > 0, cfg=cfg)
+    return out if rg else out[:2]
 
 
 def reference(gu, ad, dh, gd, sd, rg=0, sg=1.0, su=1.0):
@@ -206,7 +189,7 @@ def aot_rows(r: int) -> list[dict]:
             ("reduce bwd + dB", swiglu._bwd_reduce_kernel, BWD_SIG, BWD_CONFIGS, 18,
              dict(RD=r, RG=r, RU=r, AD=True, DB=True, GU=False, DH=False, PREC="tf32"))):
         for rows_, block, warps, splits, stages in cfgs:
-            cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, **extra)
+            cex = dict(RP=swiglu._rp(r), ROWS=rows_, BLOCK=block, **extra)
             rows.append(dict(kernel=kernel, config=f"{rows_} x {block}, {warps} warps, {stages} stages",
                              **compile_sm90(fn, sig, cex, warps, range(n_aligned), stages)))
     for row in rows:

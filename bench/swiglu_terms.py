@@ -52,49 +52,20 @@ CONFIGS = [(16, 64, 4, 8, 3), (32, 64, 4, 8, 3), (16, 128, 4, 8, 3), (32, 128, 4
            (16, 64, 4, 4, 3), (32, 64, 4, 16, 3), (64, 128, 8, 4, 3)]
 
 
-def _rp(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
-def _split(n, rows, splits):
-    return triton.cdiv(triton.cdiv(n, splits), rows) * rows
-
-
-def _prec(t):
-    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def forward(gu, bg, bu, sg, su, cfg):
-    """h (N, I) for gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru): the library's
-    ``_fwd_terms_kernel`` launched with configuration ``cfg``."""
+    """h (N, I) for gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru): the
+    library's ``swiglu_forward_terms`` in configuration ``cfg``."""
     from lorakit.kernels import swiglu
-    rows, block, warps, splits, stages = cfg
-    i, rg, ru = bg.shape[0], bg.shape[1], bu.shape[1]
-    n = gu.shape[0]
-    h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
-    swiglu._fwd_terms_kernel[(triton.cdiv(i, block), splits)](
-        gu, bg, bu, h, n, i, gu.stride(0), bg.stride(0), bu.stride(0), h.stride(0), _split(n, rows, splits), sg, su,
-        RG=rg, RU=ru, RP=_rp(max(rg, ru)), ROWS=rows, BLOCK=block, PREC=_prec(gu), num_warps=warps, num_stages=stages)
-    return h
+    return swiglu.swiglu_forward_terms(gu, bg, bu, sg, su, cfg)
 
 
 def backward(dh, gu, bg, bu, ad, gd, sg, su, sd, cfg):
     """([dg | du], dAd (rd, I), dBg (I, rg), dBu (I, ru)) with g, u rebuilt as ``forward`` and
-    dh = dh0 + sd gd Ad: the library's ``_bwd_reduce_kernel`` with every flag, configuration ``cfg``."""
+    dh = dh0 + sd gd Ad: the library's ``swiglu_backward_reduce`` with every term, configuration ``cfg``."""
     from lorakit.kernels import swiglu
-    rows, block, warps, splits, stages = cfg
-    i, rg, ru, rd = bg.shape[0], bg.shape[1], bu.shape[1], ad.shape[0]
-    n = gu.shape[0]
-    rp = _rp(max(rg, ru, rd))
-    dgu = torch.empty((n, 2 * i), dtype=gu.dtype, device=gu.device)
-    part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
-    swiglu._bwd_reduce_kernel[(triton.cdiv(i, block), splits)](
-        dh, gu, dgu, gd, bg, bu, ad, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), gd.stride(0),
-        bg.stride(0), bu.stride(0), ad.stride(0), _split(n, rows, splits), sd, sg, su,
-        RD=rd, RG=rg, RU=ru, RP=rp, ROWS=rows, BLOCK=block, AD=True, DB=True, GU=True, DH=True, PREC=_prec(gu),
-        num_warps=warps, num_stages=stages)
-    tot = part.sum(0)
-    return dgu, tot[0, :rd].to(gu.dtype), tot[1, :rg].t().to(gu.dtype), tot[2, :ru].t().to(gu.dtype)
+    return swiglu.swiglu_backward_reduce(dh, gu, gd, sd, bg.shape[1], sg, su, True, bg, bu, ad, cfg=cfg)
 
 
 def reference(gu, bg, bu, ad, dh, gd, sg, su, sd):
@@ -150,7 +121,7 @@ def aot_rows(r: int) -> list[dict]:
             ("terms bwd", swiglu._bwd_reduce_kernel, BWD_SIG, 18, dict(RD=r, RG=r, RU=r, AD=True, DB=True, GU=True,
                                                                       DH=True))):
         for rows_, block, warps, splits, stages in CONFIGS:
-            cex = dict(RP=_rp(r), ROWS=rows_, BLOCK=block, PREC="tf32", **extra)
+            cex = dict(RP=swiglu._rp(r), ROWS=rows_, BLOCK=block, PREC="tf32", **extra)
             rows.append(dict(kernel=kernel, config=f"{rows_} x {block}, {warps} warps, {stages} stages",
                              **compile_sm90(fn, sig, cex, warps, range(n_aligned), stages)))
     for row in rows:

@@ -228,7 +228,7 @@ def _split(n: int, cfg: tuple) -> tuple[int, int]:
 
 def _launch(kernel, cfg: tuple, n: int, i: int, ints: tuple, constexprs: dict, tensors: tuple[Tensor, ...]):
     """The ``Direct`` launch of a column-block x row-split kernel (grid (I / BLOCK, splits))."""
-    k = launch.key(kernel, (n, i) + ints + tuple(constexprs.values()), *tensors)
+    k = launch.key(kernel, (n, i, cfg) + ints + tuple(constexprs.values()), *tensors)
     run = _LAUNCHES.get(k)
     if run is None:
         rows, block, warps, _, stages = cfg
@@ -243,30 +243,34 @@ def _rp(*ranks: int) -> int:
     return max(16, triton.next_power_of_2(max(ranks)))
 
 
-def swiglu_forward_terms(gu: Tensor, bg: Tensor, bu: Tensor, sg: float, su: float) -> Tensor:
+def swiglu_forward_terms(gu: Tensor, bg: Tensor, bu: Tensor, sg: float, su: float,
+                         cfg: Optional[tuple] = None) -> Tensor:
     """h = silu(g) u (N, I) with g = g0 + sg xag Bg^T and u = u0 + su xau Bu^T, for
     gu = [g0 | u0 | xag | xau] (N, 2I + rg + ru), Bg (I, rg), Bu (I, ru), unit column strides;
-    ranks up to ``MAX_TERMS_RANK``. g and u are added in float32 and never rounded."""
+    ranks up to ``MAX_TERMS_RANK``. g and u are added in float32 and never rounded. ``cfg``:
+    (ROWS, BLOCK, warps, most splits, stages), default ``TERMS_FWD`` (benchmarks sweep it)."""
+    cfg = cfg or TERMS_FWD
     i, rg = bg.shape
     ru, n = bu.shape[1], gu.shape[0]
     h = torch.empty((n, i), dtype=gu.dtype, device=gu.device)
     if n:
-        _, per = _split(n, TERMS_FWD)
-        run = _launch(_fwd_terms_kernel, TERMS_FWD, n, i, (per,), dict(RG=rg, RU=ru, RP=_rp(rg, ru)), (gu, bg, bu, h))
+        _, per = _split(n, cfg)
+        run = _launch(_fwd_terms_kernel, cfg, n, i, (per,), dict(RG=rg, RU=ru, RP=_rp(rg, ru)), (gu, bg, bu, h))
         run(gu, bg, bu, h, n, i, gu.stride(0), bg.stride(0), bu.stride(0), h.stride(0), per, float(sg), float(su))
     return h
 
 
 def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: float, rg: int, sg: float, su: float,
                            db: bool, bg: Optional[Tensor] = None, bu: Optional[Tensor] = None,
-                           ad: Optional[Tensor] = None, want_ad: bool = True
+                           ad: Optional[Tensor] = None, want_ad: bool = True, cfg: Optional[tuple] = None
                            ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dgu, dAd, dBg, dBu) for dh (N, I) and gu = [g | u | xag | xau] (N, 2I + rg + ru), unit
     column strides: dgu = [dg | du] (N, 2I); dAd = sd gd^T h (rd, I) when gd (N, rd) is given;
     with ``db`` dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru), contiguous. With bg and
     bu, gu holds g0 and u0 and g, u are rebuilt as ``swiglu_forward_terms`` builds them; with ad
     (rd, I), dh holds dh0 and dh = dh0 + sd gd Ad (gd required); ``want_ad`` False: no dAd even
-    with gd. dh is not modified (h is never written)."""
+    with gd. dh is not modified (h is never written). ``cfg`` as ``swiglu_forward_terms``'s,
+    default ``TERMS_BWD`` with the terms and ``REDUCE`` without."""
     n, i = dh.shape
     terms = bg is not None
     ru = gu.shape[1] - 2 * i - rg if db or terms else 0
@@ -284,7 +288,7 @@ def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: flo
     b0 = bg if terms else dh
     b1 = bu if terms else dh
     a0 = ad if ad is not None else dh
-    cfg = TERMS_BWD if terms else REDUCE
+    cfg = cfg or (TERMS_BWD if terms else REDUCE)
     splits, per = _split(n, cfg)
     run = _launch(_bwd_reduce_kernel, cfg, n, i, (per,),
                   dict(RD=rd, RG=rgk, RU=ru, RP=rp, AD=need_ad, DB=db, GU=terms, DH=ad is not None),
@@ -292,12 +296,14 @@ def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: flo
     part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
     run(dh, gu, dgu, g, b0, b1, a0, part, n, i, dh.stride(0), gu.stride(0), dgu.stride(0), g.stride(0),
         b0.stride(0), b1.stride(0), a0.stride(0), per, float(sd), float(sg), float(su))
-    if db:
-        tot = part.sum(0) if need_ad else part[:, 1:].sum(0)
-        dad = tot[0, :rd].to(gu.dtype) if need_ad else None
-        tg, tu = (tot[1], tot[2]) if need_ad else (tot[0], tot[1])
-        return dgu, dad, _transposed(tg[:rg], gu.dtype), _transposed(tu[:ru], gu.dtype)
-    return dgu, (part[:, 0].sum(0)[:rd].to(gu.dtype) if need_ad else None), None, None
+    if not (need_ad or db):
+        return dgu, None, None, None
+    first = 0 if need_ad else 1                                             # the slots the kernel wrote
+    tot = part[:, first:3 if db else 1].sum(0)                              # over the row splits
+    dad = tot[0, :rd].to(gu.dtype) if need_ad else None
+    if not db:
+        return dgu, dad, None, None
+    return dgu, dad, _transposed(tot[1 - first, :rg], gu.dtype), _transposed(tot[2 - first, :ru], gu.dtype)
 
 
 def _transposed(t: Tensor, dtype: torch.dtype) -> Tensor:
