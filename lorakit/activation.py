@@ -150,10 +150,9 @@ def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: flo
     Triton kernel does it all without writing h (dh unchanged); elsewhere, without terms, the
     plain steps run and dh is overwritten with h (the caller must not need dh afterwards)."""
     k = kernels.load("swiglu") if gu.is_cuda else None
-    terms = bg is not None or ad is not None
-    ranks = [t.shape[1] for t in (bg, bu) if t is not None] + ([ad.shape[0]] if ad is not None else [])
+    ranks = [t.shape[1] for t in (bg, bu) if t is not None] + ([ad.shape[0]] if ad is not None else [])   # the terms'
     if k is not None and (not ranks or max(ranks) <= k.MAX_TERMS_RANK):
         return k.swiglu_backward_reduce(dh, gu, gd, sd, rg, sg, su, db, bg, bu, ad, want_ad)
-    if terms:
+    if ranks:
         return swiglu_backward_reduce_reference(dh, gu, gd, sd, rg, sg, su, db, bg, bu, ad, want_ad)
     return swiglu_backward_reduce_unfused(dh, gu, gd if want_ad else None, sd, rg, sg, su, db)
