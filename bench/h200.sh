@@ -29,6 +29,8 @@
 #   bash bench/h200.sh s8c         # every GPU test; where the compiled 1B step waits (timelines, bound and lorakit)
 #   bash bench/h200.sh s14a        # session 10, first: every GPU test of ops, fused and compiled (the review mends
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
+#   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
+#                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
 #   bash bench/h200.sh s13j        # GPU tests of the kernels (s13i's timed out unreported), 1B compiled with and
 #                                   # without the terms in the kernels
 #   bash bench/h200.sh s13i        # session 9's final code: launch and kernel GPU tests, 1B and 8B, eager and compiled
@@ -206,6 +208,12 @@ case "${1:-}" in
   s14a)
     timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short --durations=15 tests/test_ops.py \
       tests/test_fused.py tests/test_compiled.py > $OUT/tests.txt 2>&1; tail -40 $OUT/tests.txt | tee -a "$LOG"
+    ;;
+  s14b)
+    timeout 200 python3 bench/host_cost.py --device cuda --variants bound,lorakit,bound+compile,lorakit+compile \
+      --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
+    timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
+      --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
     ;;
   s13j)
     timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_ops.py -k "few_rows or merged_weight or stacked or swiglu" \

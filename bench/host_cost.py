@@ -176,7 +176,7 @@ def profile_table(name: str, args, dtype) -> str:
 
 def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
     """Python's cProfile of ``steps`` forward + backward calls of variant ``name`` (tiny model):
-    where the host's time goes, by function (own time first)."""
+    where the host's time goes, by function (own time first, then lorakit's functions by cumulative time)."""
     import cProfile
     import io
     import pstats
@@ -191,7 +191,8 @@ def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
     common.sync(args.device)
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(40)
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("lorakit", 40)   # the library's own frames
     return f"== cProfile {name}, {steps} x forward + backward\n" + out.getvalue()
 
 

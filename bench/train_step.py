@@ -25,8 +25,9 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
                      cuBLAS for dAd, dBg, dBu, not one kernel (lorakit.activation.swiglu_backward_reduce_unfused)
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
-    X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW that
-                     ``lorakit train`` uses on CUDA (every other variant, PEFT's included)
+    X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW with the lean
+                     step that ``lorakit train`` uses (lorakit.train.optim; every other variant, PEFT's included)
+    X+torch-fused    X with torch's own fused AdamW (its step walks every parameter in Python)
     X+compile        X with every decoder layer and the loss compiled (torch.compile, regional:
                      the 16 identical layers share one compiled graph). lorakit runs there as its
                      opaque operators (lorakit.compiled)
@@ -72,13 +73,14 @@ def parse_variant(spec: str) -> dict:
     compile_ = "+compile" in name
     fused = "+fused-loss" in name
     foreach = "+foreach" in name
+    torch_fused = "+torch-fused" in name
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
     fuse_all = "+fuse-all" in name
     gemm_reduce = "+gemm-reduce" in name
     gemm_terms = "+gemm-terms" in name or gemm_reduce
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+ungrouped", "+merged-mlp", "+fuse-all", "+gemm-reduce",
+    for mod in ("+compile", "+fused-loss", "+foreach", "+torch-fused", "+ungrouped", "+merged-mlp", "+fuse-all", "+gemm-reduce",
                 "+gemm-terms"):
         base = base.replace(mod, "")
     r = 16
@@ -88,7 +90,8 @@ def parse_variant(spec: str) -> dict:
     kind = base.split("-")[0]
     if kind not in ("bound", "full", "peft", "lorakit"):
         raise SystemExit(f"unknown variant {spec!r}")
-    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, ungrouped=ungrouped,
+    return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, torch_fused=torch_fused,
+                ungrouped=ungrouped,
                 merged_mlp=merged_mlp, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
@@ -105,12 +108,15 @@ def fused_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def adamw(v: dict, params) -> torch.optim.AdamW:
-    """AdamW as ``lorakit train`` makes it (lorakit.train.loop.adamw: fused on CUDA), for every
-    variant alike; ``+foreach`` picks torch's default implementation instead."""
+    """AdamW as ``lorakit train`` makes it (lorakit.train.loop.adamw: torch's fused kernel with
+    lorakit's lean step), for every variant alike; ``+foreach`` picks torch's default
+    implementation instead, ``+torch-fused`` torch's fused AdamW with its own step."""
     from lorakit.train.loop import adamw as lorakit_adamw
     params = list(params)
     if v["foreach"]:
         return torch.optim.AdamW(params, lr=1e-4)
+    if v["torch_fused"]:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
     return lorakit_adamw(params, lr=1e-4)
 
 
@@ -356,8 +362,8 @@ def main(argv=None) -> int:
                        f"MLP {s['inter']}, {s['heads']} heads, {s['kv']} KV heads, vocab {s['vocab']}, "
                        f"{'tied' if s['tie'] else 'untied'} head), {str(dtype).replace('torch.', '')}, batch "
                        f"{args.batch} x {args.seq} tokens, LoRA alpha = 2r on {', '.join(common.TARGETS7)}, "
-                       f"dropout 0, AdamW ({'fused' if not cpu else 'default'} implementation, as lorakit train makes it"
-                       f"{'; +foreach: the foreach one' if not cpu else ''}); median of {args.steps} steps after {args.warmup} warm-up steps."))
+                       f"dropout 0, AdamW (torch's fused kernel with lorakit's lean step, as lorakit train makes it; "
+                       f"+foreach: torch's default, +torch-fused: torch's fused step); median of {args.steps} steps after {args.warmup} warm-up steps."))
     if cpu and not args.sequential:
         rows = run_interleaved(specs, args, dtype)
     else:

@@ -150,13 +150,6 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(files, tmp_
         train(config(files, tmp_path / "r", steps=4, save_every=2))
 
 
-def test_adamw_is_torch_fused_on_cuda_and_default_elsewhere():
-    from lorakit.train.loop import adamw
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = adamw([p], lr=0.1, weight_decay=0.0)
-    assert not opt.defaults.get("fused") and opt.defaults["lr"] == 0.1
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_adamw_fused_matches_default():

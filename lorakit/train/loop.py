@@ -203,11 +203,14 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], precision: str, scal
 
 
 def adamw(params: list, **kwargs) -> torch.optim.AdamW:
-    """AdamW over ``params``: torch's fused implementation (one kernel for all of them) when
-    they are all on a CUDA device, its default elsewhere. Same update, fewer launches; at the
-    1B shape on an H200 the step time did not move measurably (bench/train_step.py +foreach)."""
-    if params and all(p.is_cuda for p in params):
-        kwargs["fused"] = True
+    """AdamW over ``params``: torch's fused implementation (one kernel for all of them) with
+    lorakit's lean step (``lorakit.train.optim.AdamW``: no per-parameter Python per step), when
+    torch has a fused kernel for their device and dtype (CUDA, CPU, ...); torch's default elsewhere.
+    On 2 CPU cores the fused step of 224 SmolLM-sized adapters takes 4.6 ms against the default's
+    21.7 ms; on the H200's host the lean step saves about 2 ms per step."""
+    from .optim import AdamW, fused_supported
+    if params and all(fused_supported(p) for p in params):
+        return AdamW(params, fused=True, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
 
