@@ -23,6 +23,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
                      accumulate onto them (lorakit.fused.KERNEL_TERMS off), not added in the SwiGLU kernels
     X+gemm-reduce    X+gemm-terms, and the fused MLP's backward as the plain SwiGLU kernel (h written) and
                      cuBLAS for dAd, dBg, dBu, not one kernel (lorakit.activation.swiglu_backward_reduce_unfused)
+    X+gu-beside      lorakit X with the fused MLP's gate|up backward beside W0 (its dA's gs a GEMM of its
+                     own that reads [dg | du]), the other sites as lorakit.fused.mlp_forms picks them
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW with the lean
@@ -76,12 +78,13 @@ def parse_variant(spec: str) -> dict:
     torch_fused = "+torch-fused" in name
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
+    gu_beside = "+gu-beside" in name
     fuse_all = "+fuse-all" in name
     gemm_reduce = "+gemm-reduce" in name
     gemm_terms = "+gemm-terms" in name or gemm_reduce
     base = name
-    for mod in ("+compile", "+fused-loss", "+foreach", "+torch-fused", "+ungrouped", "+merged-mlp", "+fuse-all", "+gemm-reduce",
-                "+gemm-terms"):
+    for mod in ("+compile", "+fused-loss", "+foreach", "+torch-fused", "+ungrouped", "+merged-mlp", "+gu-beside",
+                "+fuse-all", "+gemm-reduce", "+gemm-terms"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -92,7 +95,7 @@ def parse_variant(spec: str) -> dict:
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, torch_fused=torch_fused,
                 ungrouped=ungrouped,
-                merged_mlp=merged_mlp, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
+                merged_mlp=merged_mlp, gu_beside=gu_beside, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -163,6 +166,9 @@ def make_step(v: dict, model, opt, ids, labels):
     overrides = {}                                  # fused's functions replaced during this variant's steps
     if v.get("merged_mlp"):
         overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
+    if v.get("gu_beside"):
+        forms = fused.mlp_forms
+        overrides["mlp_forms"] = lambda *a, **k: forms(*a, **k)[:3] + (False,)
     if v.get("fuse_all"):
         overrides["fused_is_cheaper"] = lambda *a: True
     if v.get("gemm_terms"):
@@ -256,6 +262,8 @@ def timeline_step(p: dict, args) -> str:
 def run_sequential(v: dict, args, dtype) -> dict:
     """One variant alone on the device (GPU: its peak memory is its own)."""
     common.reset_peak(args.device)
+    if v["compile"]:
+        torch._dynamo.reset()           # compiled afresh: the graphs of another variant's forms (dX's layout) never serve it
     p = prepare(v, args, dtype)
     common.reset_peak(args.device)
     p["times"] = common.time_steps(p["step"], args.device, args.warmup, args.steps, p["cpu_times"])

@@ -196,9 +196,14 @@ def _mlp_backward(dy, x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd
 
 def _mlp_backward_fake(dy, x, gu, has, wg, wu, wd, ag, bg, au, bu, ad, bd, sg, su, sd, need):
     n_x, n_ag, n_bg, n_au, n_bu, n_ad, n_bd = need
+    i, hid = wg.shape
     dA = ag.new_empty((ag.shape[0] + au.shape[0], ag.shape[1])) if n_ag or n_au else ag.new_empty(0)
     rest = [torch.empty_like(t) if n else t.new_empty(0) for t, n in ((bg, n_bg), (bu, n_bu), (ad, n_ad), (bd, n_bd))]
-    return [torch.empty_like(x) if n_x else x.new_empty(0), dA, *rest]
+    if not n_x:
+        return [x.new_empty(0), dA, *rest]
+    dy2 = dy.reshape(-1, hid)
+    cols = fused.dx_columns(dy2, i, hid, ag, au, ad, sg, su, n_ag or n_au)      # a column slice of [dX | gs]?
+    return [x.new_empty((dy2.shape[0], cols))[:, :hid].view(x.shape), dA, *rest]
 
 
 class _MlpOp(torch.autograd.Function):

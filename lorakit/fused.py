@@ -13,14 +13,14 @@ output, down's input). A frozen model (the "bound") keeps three. The fused node 
     forward                                            backward (dY: (N, H))
     W'gu = [Wg + sg Bg Ag ; Wu + su Bu Au]  (2I, H)    [dh | dY Bd] = dY [W'd | Bd]      (N, I + rd)
     [g | u | x Ag^T | x Au^T] = x [W'gu; Ag; Au]^T     [dg | du], h = swiglu_bwd(dh, g, u)  one pass
-    h    = silu(g) * u                      (N, I)     dx   = [dg | du] W'gu                (N, H)
+    h    = silu(g) * u                      (N, I)     [dx | gs] = [dg | du] [W'gu | blockdiag(Bg, Bu)]
     W'd  = Wd + sd Bd Ad                    (H, I)     dAd  = (sd dY Bd)^T h,  dBd = sd dY^T (h Ad^T)
-    [y | h Ad^T] = h [W'd; Ad]^T            (N, H+rd)  [dAg; dAu] = ([dg|du] blockdiag(sg Bg, su Bu))^T x
+    [y | h Ad^T] = h [W'd; Ad]^T            (N, H+rd)  [dAg; dAu] = s gs^T x     (gs: (N, rg + ru), sg = su)
                                                        dBg = dg^T x sg Ag^T,  dBu = du^T x su Au^T
 
-(The A's and Bd ride in the GEMMs as extra rows or columns of the merged weights, which the
-W' kernel writes in the same launch: x, h and dY are each read once, not again by a rank-r
-GEMM.) That is each GEMM site's merged form. Each of the four sites (gate|up forward, down
+(The A's, Bd and the B's ride in the GEMMs as extra rows or columns of the merged weights, which
+the W' kernel writes in the same launch: x, h, dY and [dg | du] are each read once, not again
+by a rank-r GEMM.) That is each GEMM site's merged form. Each of the four sites (gate|up forward, down
 forward, down backward, gate|up backward) can instead run beside W0: the rank-r product is
 written into the output and the GEMM with W0 accumulates onto it, e.g. dx = s gs [Ag; Au],
 then += dg Wg, += du Wu. ``mlp_forms`` picks per site from the shapes (bytes moved).
@@ -88,10 +88,14 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ, terms: bool 
         gate|up forward    merged 4 I H    beside N (2 I (1 + c) + H)
         down forward       merged 2 H I    beside N (H (1 + c) + I)
         down backward      merged 2 H I    beside N (I (1 + c) + H)
-        gate|up backward   merged 4 I H    beside N H (2 + 2 c)    (dX sums two GEMMs: K = I each)
+        gate|up backward   merged 4 I H    beside N H (2 + 2 c) + 2 N I
 
-    At the 1B shape and 8192 tokens only gate|up backward goes beside W0; at the 8B shape
-    (4096 tokens) all four do, with c = 0.5.
+(gate|up backward beside W0: dX sums two GEMMs, K = I each; and the dA's need gs = [dg Bg | du Bu],
+which in the merged form rides in the dX GEMM, [dX | gs] = [dg | du] [W'gu | blockdiag(Bg, Bu)],
+but beside W0 is a GEMM of its own that reads [dg | du] (N, 2I) once more.)
+
+At the 1B shape and 8192 tokens all four sites take the merged form; at the 8B shape (4096
+tokens) all four go beside W0, with c = 0.5.
 
     With ``terms`` (``kernel_terms``: the SwiGLU kernels add the LoRA terms of gate|up forward and
     down backward, so nothing is written before those GEMMs or read in their epilogues) those two
@@ -104,7 +108,8 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ, terms: bool 
     """
     up = n * (h + 2 * i * TERMS_PASS) if terms else n * (2 * i * (1 + c) + h)
     down = n * h if terms else n * (i * (1 + c) + h)
-    return (4 * i * h <= up, 2 * h * i <= n * (h * (1 + c) + i), 2 * h * i <= down, 4 * i * h <= n * h * (2 + 2 * c))
+    return (4 * i * h <= up, 2 * h * i <= n * (h * (1 + c) + i), 2 * h * i <= down,
+            4 * i * h <= n * h * (2 + 2 * c) + 2 * n * i)
 
 
 # False: the GPU runs the beside-W0 sites as GEMMs writing the terms (benchmarks compare). Set it
@@ -130,6 +135,15 @@ def _plan(t: Tensor, i: int, h: int, ag: Tensor, au: Tensor, ad: Tensor, forms: 
     terms = kernel_terms(t, ag, au, ad)
     f = forms if forms is not None else mlp_forms(t.shape[0], i, h, terms=terms)
     return f, terms and not f[0], terms and not f[2]
+
+
+def dx_columns(dy2: Tensor, i: int, h: int, ag: Tensor, au: Tensor, ad: Tensor, sg: float, su: float,
+               need_a: bool) -> int:
+    """The row stride of ``mlp_backward``'s dx for dY (N, H) (the compiled operator's fake kernel
+    must state it): H + rg + ru where dX and gs come from one GEMM (gate|up backward merged,
+    equal scales, the dA's needed), else H."""
+    f, _, _ = _plan(dy2, i, h, ag, au, ad, None)
+    return h + ag.shape[0] + au.shape[0] if f[3] and need_a and sg == su else h
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
@@ -206,18 +220,21 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
                                                 adc if dh_terms else None, want_ad=need_ad)
     dBg, dBu = dBg if need_bg else None, dBu if need_bu else None
     del dh, gd
-    dx = dA = None
-    if need_x and f[3]:
+    dx = dA = gs = None
+    same = sg == su
+    if need_x and f[3] and (need_ag or need_au) and same:                  # [dX | gs] = dgu [W'gu | blockdiag(Bg, Bu)]
+        full = torch.mm(dgu, wprime.stacked_merged_weight([wg, wu], [bgc, buc], [agc, auc], [sg, su], append_b=True))
+        dx, gs = full[:, :hid], full[:, hid:]                               # (N, H) slice, (N, rg + ru)
+    elif need_x and f[3]:
         dx = torch.mm(dgu, _stacked_weight(wg, wu, agc, bgc, auc, buc, sg, su))    # (N, H)
-    if need_ag or need_au or (need_x and not f[3]):
-        same = sg == su
+    if gs is None and (need_ag or need_au or (need_x and not f[3])):
         bd = torch.block_diag(bgc, buc) if same else torch.block_diag(bgc * sg, buc * su)
         gs = torch.mm(dgu, bd)                                              # [dg Bg | du Bu] (N, rg + ru) (times s)
-        if need_ag or need_au:
-            dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
-        if need_x and not f[3]:                                             # s gs [Ag; Au] + dg Wg + du Wu
-            dx = ops.beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
-                              dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
+    if need_ag or need_au:
+        dA = torch.addmm(wg[0], gs.t(), x2, beta=0, alpha=sg if same else 1.0)   # [dAg; dAu] (rg + ru, H)
+    if need_x and not f[3]:                                                 # s gs [Ag; Au] + dg Wg + du Wu
+        dx = ops.beside_into(dy2.new_empty((n, hid)), gs, torch.cat([agc, auc]).t(), sg if same else 1.0,
+                             dgu[:, :i], wg).addmm_(dgu[:, i:], wu)
     return dx, dA, dBg, dBu, dAd, dBd
 
 

@@ -197,14 +197,16 @@ def test_autocast_to_another_dtype_runs_the_class_forward(monkeypatch):
 
 
 def test_forms_follow_the_byte_counts():
-    """1B (8192 tokens): only gate|up backward beside W0; 8B (4096 tokens): all four beside;
-    long inputs: all merged."""
-    assert fused.mlp_forms(8192, 8192, 2048) == (True, True, True, False)
+    """1B (8192 tokens): all four merged (gate|up backward: gs rides in its dX GEMM, where beside W0
+    it reads [dg | du] once more); 8B (4096 tokens): all four beside; long inputs: all merged;
+    short ones (smol widths, 512 tokens) all beside."""
+    assert fused.mlp_forms(8192, 8192, 2048) == (True, True, True, True)
     assert fused.mlp_forms(4096, 14336, 4096) == (False, False, False, False)
     assert fused.mlp_forms(65536, 8192, 2048) == (True, True, True, True)
+    assert fused.mlp_forms(512, 1536, 576) == (False, False, False, False)
     assert fused.mlp_forms(4096, 14336, 4096, c=2.0) == (True, False, True, False)
     # the LoRA terms in the SwiGLU kernels (GPU): down backward beside W0 at both shapes
-    assert fused.mlp_forms(8192, 8192, 2048, terms=True) == (True, True, False, False)
+    assert fused.mlp_forms(8192, 8192, 2048, terms=True) == (True, True, False, True)
     assert fused.mlp_forms(4096, 14336, 4096, terms=True) == (False, False, False, False)
 
 
