@@ -31,6 +31,8 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s14d        # the same A/B with the caches off for +gu-beside (s14c's reused lorakit's graph), 1B
+#                                   # eager too, and both compiled steps' kernels (STEM.profile.txt)
 #   bash bench/h200.sh s14c        # gate|up backward merged at 1B with gs in its dX GEMM, and the lean AdamW step: GPU
 #                                   # tests, 1B compiled: bound, lorakit, +gu-beside (the old form), +torch-fused
 #   bash bench/h200.sh s13j        # GPU tests of the kernels (s13i's timed out unreported), 1B compiled with and
@@ -216,6 +218,11 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s14d)
+    timeout 560 python3 bench/train_step.py --device cuda --size 1b --profile bound+compile,lorakit+compile \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile,lorakit+gu-beside+compile}" \
+      --out $R/train_step_1b_h200_s14d 2>&1 | tee -a "$LOG"
     ;;
   s14c)
     timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py tests/test_compiled.py \

@@ -169,6 +169,11 @@ def make_step(v: dict, model, opt, ids, labels):
     if v.get("gu_beside"):
         forms = fused.mlp_forms
         overrides["mlp_forms"] = lambda *a, **k: forms(*a, **k)[:3] + (False,)
+    if overrides and v["compile"]:
+        # torch.compile's caches key a graph on its code, not on what the overrides change (dX's
+        # layout, which the operators' fake kernels state): this variant compiles without them
+        torch._functorch.config.enable_autograd_cache = False
+        torch._inductor.config.fx_graph_cache = False
     if v.get("fuse_all"):
         overrides["fused_is_cheaper"] = lambda *a: True
     if v.get("gemm_terms"):
@@ -240,7 +245,22 @@ def profile_step(p: dict, args) -> str:
         p["step"]()
         common.sync(args.device)
     key = "self_device_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-    return f"== {p['v']['name']}\n" + prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=60)
+    text = f"== {p['v']['name']}\n" + prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=60)
+    return text + ("\n" + kernel_table(prof) if args.device.startswith("cuda") else "")
+
+
+def kernel_table(prof, rows: int = 60) -> str:
+    """The step's GPU kernels alone, by total time: us, launches, us per launch, full name (cut
+    at 110 characters), and the total: what separates two variants' GPU work, kernel by kernel."""
+    kern = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kern.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kern)
+    lines = [f"kernels: {total / 1e3:.2f} ms in {sum(e.count for e in kern)} launches",
+             f"{'us':>9} {'calls':>6} {'us/call':>8}  name"]
+    for e in kern[:rows]:
+        lines.append(f"{e.self_device_time_total:9.1f} {e.count:6d} {e.self_device_time_total / e.count:8.1f}  "
+                     f"{e.key[:110]}")
+    return "\n".join(lines)
 
 
 def timeline_step(p: dict, args) -> str:
