@@ -50,6 +50,10 @@ SHAPES = {"1b": (8192, 8192), "8b": (4096, 14336)}          # (N tokens, I)
 # (ROWS, BLOCK, warps, splits, stages)
 CONFIGS = [(16, 64, 4, 8, 3), (32, 64, 4, 8, 3), (16, 128, 4, 8, 3), (32, 128, 4, 4, 3), (64, 64, 4, 4, 3),
            (16, 64, 4, 4, 3), (32, 64, 4, 16, 3), (64, 128, 8, 4, 3)]
+# the backward with dh's term alone (gate|up forward merged: the 1B shape), as the library runs it
+# there (``REDUCE``, the first), and narrower, more split or more warped candidates
+DH_CONFIGS = [(16, 64, 4, 8, 3), (16, 64, 4, 16, 3), (16, 64, 4, 32, 3), (16, 64, 8, 8, 3), (16, 128, 4, 8, 3),
+              (16, 128, 8, 8, 3), (16, 32, 2, 8, 3), (16, 32, 2, 16, 3), (16, 64, 4, 8, 4), (32, 64, 8, 8, 3)]
 
 
 
@@ -152,6 +156,21 @@ def gpu_rows(sizes: list[str], r: int, rounds: int, calls: int) -> list[dict]:
         for cfg in CONFIGS:
             fns[f"terms fwd {cfg}"] = lambda cfg=cfg: forward(gu, bg, bu, 0.7, 1.3, cfg)
             fns[f"terms bwd {cfg}"] = lambda cfg=cfg: backward(dh, gu, bg, bu, ad, gd, 0.7, 1.3, 0.5, cfg)
+        for cfg in DH_CONFIGS:                      # dh's term, dAd, dBg, dBu; g, u as stored
+            fns[f"dh-terms bwd {cfg}"] = lambda cfg=cfg: swiglu.swiglu_backward_reduce(
+                dh, gu, gd, 0.5, r, 0.7, 1.3, True, None, None, ad, cfg=cfg)
+        want = None
+        for k in [k for k in fns if k.startswith("dh-terms")]:    # each configuration against the first
+            try:
+                got = [t.float() for t in fns[k]()]
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported, not fatal
+                print(f"{size} {k}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                del fns[k]
+                continue
+            want = want or got
+            err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want))
+            print(f"{size} {k}: relative difference to {DH_CONFIGS[0]} {err:.1e}", flush=True)
+            assert err < 1e-2, (k, err)
         med = {k: ms * 1e3 for k, ms in common.graph_times(fns, rounds, calls).items()}
         base_f = med["plain fwd"] + med["GEMMs writing the terms, fwd"]
         base_b = med["reduce bwd (library)"] + med["GEMM writing the term, bwd"]
