@@ -52,8 +52,10 @@ CONFIGS = [(16, 64, 4, 8, 3), (32, 64, 4, 8, 3), (16, 128, 4, 8, 3), (32, 128, 4
            (16, 64, 4, 4, 3), (32, 64, 4, 16, 3), (64, 128, 8, 4, 3)]
 # the backward with dh's term alone (gate|up forward merged: the 1B shape), as the library runs it
 # there (``REDUCE``, the first), and narrower, more split or more warped candidates
-DH_CONFIGS = [(16, 64, 4, 8, 3), (16, 64, 4, 16, 3), (16, 64, 4, 32, 3), (16, 64, 8, 8, 3), (16, 128, 4, 8, 3),
-              (16, 128, 8, 8, 3), (16, 32, 2, 8, 3), (16, 32, 2, 16, 3), (16, 64, 4, 8, 4), (32, 64, 8, 8, 3)]
+# (s14e swept 16-row ones, swiglu_terms_h200_s14e.md: none beat REDUCE by more than 9 us, while the
+# terms backward with GU ran in 223 us at 64 x 64; s14f the larger tiles)
+DH_CONFIGS = [(16, 64, 4, 8, 3), (16, 32, 2, 8, 3), (64, 64, 4, 4, 3), (32, 64, 4, 8, 3), (32, 64, 4, 4, 3),
+              (64, 64, 8, 4, 3), (64, 64, 8, 8, 3), (32, 64, 8, 4, 3), (64, 64, 4, 8, 3), (32, 32, 2, 8, 3)]
 
 
 
