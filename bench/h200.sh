@@ -31,6 +31,7 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s14h        # the optimizer's host time: lean step against torch's fused and foreach steps
 #   bash bench/h200.sh s14g        # session 10's final code: 8B eager and compiled, 1B compiled
 #   bash bench/h200.sh s14f        # the same sweep over larger tiles (DH_CONFIGS as committed after s14e)
 #   bash bench/h200.sh s14e        # bench/swiglu_terms.py at 1B: the backward with dh's term alone (what 1B runs) in
@@ -222,6 +223,10 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s14h)
+    timeout 200 python3 bench/host_cost.py --device cuda --variants bound,lorakit,lorakit+torch-fused,lorakit+foreach \
+      --rounds 40 --out $R/host_cost_h200_s14h 2>&1 | tee -a "$LOG"
     ;;
   s14g)
     timeout 300 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
