@@ -158,6 +158,22 @@ def test_closure_and_add_param_group():
     assert len(ours._lean) == 2
 
 
+def test_a_parameter_appended_to_a_group_is_stepped():
+    """A parameter appended to a group's list (no add_param_group) joins the update: the lists
+    are remade when a group's parameter count changes."""
+    ps, qs, ours, theirs = run_both(make=lambda ps: AdamW([ps[0]], lr=1e-2, fused=True),
+                                    ref=lambda qs: torch.optim.AdamW([qs[0]], lr=1e-2, fused=True), steps=2)
+    ours.param_groups[0]["params"].append(ps[1])
+    theirs.param_groups[0]["params"].append(qs[1])
+    for step in range(2, 5):
+        set_grads(list(zip(ps[:2], qs[:2])), step)
+        ours.step()
+        theirs.step()
+    for a, b in zip(ps[:2], qs[:2]):
+        assert torch.equal(a, b)
+    assert sum(len(p[0]) for p in ours._lean[0]) == 2
+
+
 def test_adamw_factory_fuses_where_torch_has_the_kernel():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = adamw([p], lr=0.1, weight_decay=0.0)

@@ -22,8 +22,9 @@ counters, and each step only gathers the gradients and launches:
 
 Anything the lists do not cover runs torch's step instead: a closure, a parameter without a
 gradient, amsgrad, maximize, capturable or differentiable groups, a tensor learning rate,
-complex parameters, a GradScaler's ``grad_scale`` / ``found_inf`` (fp16), or state that changed
-size. ``load_state_dict`` and ``add_param_group`` drop the lists (rebuilt at the next step).
+complex parameters, a GradScaler's ``grad_scale`` / ``found_inf`` (fp16). ``load_state_dict`` and
+``add_param_group`` drop the lists, and they are remade when the state changes size or a group's
+parameter count changes.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self._lean: Optional[list] = None            # per group: [(params, exp_avgs, exp_avg_sqs, steps)]; None: to make
-        self._lean_size = -1                         # len(self.state) when the lists were made
+        self._lean_key: tuple = ()                   # what the lists were made from (``_key``)
 
     def step(self, closure=None):
         if closure is None and self._lean_step():
@@ -73,9 +74,10 @@ class AdamW(torch.optim.AdamW):
         """One update through the kept lists; False (nothing done) where torch's step must run."""
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return False
-        if self._lean is None or self._lean_size != len(self.state):
-            self._lean = self._lean_lists() or []    # []: torch's step, until the state changes size
-            self._lean_size = len(self.state)
+        key = self._key()
+        if self._lean is None or self._lean_key != key:
+            self._lean = self._lean_lists() or []    # []: torch's step, until the key changes
+            self._lean_key = key
         if not self._lean:
             return False
         work = []
@@ -95,6 +97,11 @@ class AdamW(torch.optim.AdamW):
                   beta2=float(beta2), weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
                   grad_scale=None, found_inf=None)
         return True
+
+    def _key(self) -> tuple:
+        """The state dict's identity and size and each group's parameter count: the lists are
+        remade when one changes (state created by torch's step, parameters appended to a group)."""
+        return (id(self.state), len(self.state), tuple(len(g["params"]) for g in self.param_groups))
 
     def _lean_lists(self) -> Optional[list]:
         """Per group, per (device, dtype): ([p], [exp_avg], [exp_avg_sq], [step]), or None where a
