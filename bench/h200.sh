@@ -31,6 +31,7 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s14i        # 1B eager against PEFT (defaults and bf16 adapters) on session 10's code
 #   bash bench/h200.sh s14h        # the optimizer's host time: lean step against torch's fused and foreach steps
 #   bash bench/h200.sh s14g        # session 10's final code: 8B eager and compiled, 1B compiled
 #   bash bench/h200.sh s14f        # the same sweep over larger tiles (DH_CONFIGS as committed after s14e)
@@ -223,6 +224,10 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s14i)
+    timeout 330 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,peft,peft-bf16,lorakit}" --out $R/train_step_1b_h200_s14i 2>&1 | tee -a "$LOG"
     ;;
   s14h)
     timeout 200 python3 bench/host_cost.py --device cuda --variants bound,lorakit,lorakit+torch-fused,lorakit+foreach \
