@@ -63,8 +63,8 @@ def test_lean_step_is_torch_fused_adamw_bit_for_bit_and_skips_torchs_per_paramet
     """Two groups, float32 and bfloat16 parameters, a schedule changing lr every step: the same
     bits as torch.optim.AdamW(fused=True), and after the first step torch's step never runs."""
     calls = []
-    init_group = torch.optim.Adam._init_group
-    monkeypatch.setattr(torch.optim.Adam, "_init_group", lambda self, *a, **k: calls.append(type(self)) or
+    init_group = torch.optim.AdamW._init_group          # (torch._dynamo sets its own on each optimizer class)
+    monkeypatch.setattr(torch.optim.AdamW, "_init_group", lambda self, *a, **k: calls.append(type(self)) or
                         init_group(self, *a, **k))
     ps, qs, ours, theirs = run_both(steps=6, lr_at=lambda s: 1e-2 * (0.5 + 0.1 * s))
     assert_same(ps, qs, ours, theirs)
