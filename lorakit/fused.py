@@ -90,12 +90,12 @@ def mlp_forms(n: int, i: int, h: int, c: float = ops.EPILOGUE_READ, terms: bool 
         down backward      merged 2 H I    beside N (I (1 + c) + H)
         gate|up backward   merged 4 I H    beside N H (2 + 2 c) + 2 N I
 
-(gate|up backward beside W0: dX sums two GEMMs, K = I each; and the dA's need gs = [dg Bg | du Bu],
-which in the merged form rides in the dX GEMM, [dX | gs] = [dg | du] [W'gu | blockdiag(Bg, Bu)],
-but beside W0 is a GEMM of its own that reads [dg | du] (N, 2I) once more.)
+    (gate|up backward beside W0: dX sums two GEMMs, K = I each; and the dA's need gs = [dg Bg | du Bu],
+    which in the merged form rides in the dX GEMM, [dX | gs] = [dg | du] [W'gu | blockdiag(Bg, Bu)],
+    but beside W0 is a GEMM of its own that reads [dg | du] (N, 2I) once more.)
 
-At the 1B shape and 8192 tokens all four sites take the merged form; at the 8B shape (4096
-tokens) all four go beside W0, with c = 0.5.
+    At the 1B shape and 8192 tokens all four sites take the merged form; at the 8B shape (4096
+    tokens) all four go beside W0, with c = 0.5.
 
     With ``terms`` (``kernel_terms``: the SwiGLU kernels add the LoRA terms of gate|up forward and
     down backward, so nothing is written before those GEMMs or read in their epilogues) those two
