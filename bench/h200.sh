@@ -31,6 +31,8 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s14j        # the dh-term backward through the GU path (zero B's): GPU tests of the fused MLP,
+#                                   # 1B compiled: bound, lorakit, +dh-plain (the path before)
 #   bash bench/h200.sh s14i        # 1B eager against PEFT (defaults and bf16 adapters) on session 10's code
 #   bash bench/h200.sh s14h        # the optimizer's host time: lean step against torch's fused and foreach steps
 #   bash bench/h200.sh s14g        # session 10's final code: 8B eager and compiled, 1B compiled
@@ -224,6 +226,13 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s14j)
+    timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py \
+      > $OUT/tests.txt 2>&1; tail -6 $OUT/tests.txt | tee -a "$LOG"
+    timeout 170 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound+compile,lorakit+compile,lorakit+dh-plain+compile}" \
+      --out $R/train_step_1b_h200_s14j 2>&1 | tee -a "$LOG"
     ;;
   s14i)
     timeout 330 python3 bench/train_step.py --device cuda --size 1b \

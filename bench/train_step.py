@@ -25,6 +25,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
                      cuBLAS for dAd, dBg, dBu, not one kernel (lorakit.activation.swiglu_backward_reduce_unfused)
     X+gu-beside      lorakit X with the fused MLP's gate|up backward beside W0 (its dA's gs a GEMM of its
                      own that reads [dg | du]), the other sites as lorakit.fused.mlp_forms picks them
+    X+dh-plain       lorakit X with the SwiGLU backward that adds dh's term alone in its own layout
+                     (lorakit.kernels.swiglu.DH_VIA_GU off): the 1B shape's path before session 10
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
                      overridden during its steps only)
     X+foreach        X with torch's default AdamW (foreach) instead of the fused AdamW with the lean
@@ -79,12 +81,13 @@ def parse_variant(spec: str) -> dict:
     ungrouped = "+ungrouped" in name
     merged_mlp = "+merged-mlp" in name
     gu_beside = "+gu-beside" in name
+    dh_plain = "+dh-plain" in name
     fuse_all = "+fuse-all" in name
     gemm_reduce = "+gemm-reduce" in name
     gemm_terms = "+gemm-terms" in name or gemm_reduce
     base = name
     for mod in ("+compile", "+fused-loss", "+foreach", "+torch-fused", "+ungrouped", "+merged-mlp", "+gu-beside",
-                "+fuse-all", "+gemm-reduce", "+gemm-terms"):
+                "+dh-plain", "+fuse-all", "+gemm-reduce", "+gemm-terms"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -95,7 +98,7 @@ def parse_variant(spec: str) -> dict:
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, torch_fused=torch_fused,
                 ungrouped=ungrouped,
-                merged_mlp=merged_mlp, gu_beside=gu_beside, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
+                merged_mlp=merged_mlp, gu_beside=gu_beside, dh_plain=dh_plain, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -185,15 +188,24 @@ def make_step(v: dict, model, opt, ids, labels):
             return activation.swiglu_backward_reduce_unfused(dh, gu, gd if want_ad else None, sd, rg, sg, su, db)
         overrides["swiglu_backward_reduce"] = unfused
 
+    swiglu_mod = None
+    if v.get("dh_plain"):
+        from lorakit import kernels
+        swiglu_mod = kernels.load("swiglu")
+
     def overridden(fn):
         def run():
             saved = {k: getattr(fused, k) for k in overrides}
             fused.__dict__.update(overrides)
+            if swiglu_mod is not None:
+                swiglu_mod.DH_VIA_GU = False
             try:
                 return fn()
             finally:
                 fused.__dict__.update(saved)
-        return run if overrides else fn
+                if swiglu_mod is not None:
+                    swiglu_mod.DH_VIA_GU = True
+        return run if overrides or swiglu_mod is not None else fn
 
     def _step():
         t0 = time.perf_counter()

@@ -206,6 +206,7 @@ TERMS_BWD = (32, 64, 4, 8, 3)
 TERMS_FWD = (32, 64, 4, 16, 3)
 SPLIT_ROWS = 256
 MAX_TERMS_RANK = 32         # the terms kernels keep three (RP, BLOCK) factor tiles in registers
+DH_VIA_GU = True            # the backward with dh's term alone runs the GU path with zero B's (see there)
 
 _LAUNCHES: dict = {}
 
@@ -272,6 +273,13 @@ def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: flo
     with gd. dh is not modified (h is never written). ``cfg`` as ``swiglu_forward_terms``'s,
     default ``TERMS_BWD`` with the terms and ``REDUCE`` without."""
     n, i = dh.shape
+    if DH_VIA_GU and ad is not None and bg is None and db and gu.shape[1] > 2 * i:
+        # dh's term is a tl.dot result, in the dot's register layout, while g and u load in another:
+        # every row tile would convert. Rebuilding g and u through the terms' dots with zero B's
+        # (g + sg xag 0 = g exactly) gives all three one layout: 264 -> 232 us at the 1B shape
+        # (swiglu_terms_h200_s14e.md: "dh-terms bwd" against "terms bwd")
+        zb = torch.zeros((i, gu.shape[1] - 2 * i), dtype=gu.dtype, device=gu.device)
+        bg, bu = zb[:, :rg], zb[:, rg:]
     terms = bg is not None
     ru = gu.shape[1] - 2 * i - rg if db or terms else 0
     rd = gd.shape[1] if gd is not None else 0
