@@ -74,17 +74,28 @@ def test_opcheck_lora_linear(merged):
 
 
 @pytest.mark.parametrize("forms", [(True,) * 4, (False,) * 4])
-def test_opcheck_gated_mlp(monkeypatch, forms):
-    """Either form of each GEMM site (fused.mlp_forms) gives the fake kernel's layouts."""
+@pytest.mark.parametrize("su", [1.0, 2.0])
+def test_opcheck_gated_mlp(monkeypatch, forms, su):
+    """Either form of each GEMM site (fused.mlp_forms) gives the fake kernel's layouts, the
+    backward operator's too: with sg = su and gate|up backward merged, dX is a column slice of
+    [dX | gs] (fused.dx_columns)."""
     monkeypatch.setattr(fused, "mlp_forms", lambda *a, **k: forms)
     g = torch.Generator().manual_seed(0)
     h, i, r = 8, 12, 2
 
     def p(*shape, grad=True):
         return (torch.randn(*shape, generator=g) * 0.3).requires_grad_(grad)
-    args = (p(3, 4, h), p(i, h, grad=False), p(i, h, grad=False), p(h, i, grad=False),
-            p(r, h), p(i, r), p(r, h), p(i, r), p(r, i), p(h, r), 2.0, 1.0, 0.5)
-    torch.library.opcheck(compiled.op("gated_mlp"), args)
+    ws = (p(i, h, grad=False), p(i, h, grad=False), p(h, i, grad=False))
+    adapters = (p(r, h), p(i, r), p(r, h), p(i, r), p(r, i), p(h, r))
+    x = p(3, 4, h)
+    torch.library.opcheck(compiled.op("gated_mlp"), (x, *ws, *adapters, 2.0, su, 0.5))
+    with torch.no_grad():
+        _, gu, has = compiled.op("gated_mlp")(x, *ws, *adapters, 2.0, su, 0.5)
+    dy = torch.randn(3, 4, h, generator=g)
+    back = (dy, x.detach(), gu, has, *ws, *(a.detach() for a in adapters), 2.0, su, 0.5, [True] * 7)
+    torch.library.opcheck(compiled.op("gated_mlp_backward"), back)
+    dx = compiled.op("gated_mlp_backward")(*back)[0]
+    assert dx.stride(-2) == (h + 2 * r if forms[3] and su == 2.0 else h)
 
 
 @pytest.mark.parametrize("bias", [False, True])
