@@ -166,46 +166,44 @@ def make_step(v: dict, model, opt, ids, labels):
 
     host = []                                       # per step: host seconds of forward, backward, optimizer
     from lorakit import fused
-    overrides = {}                                  # fused's functions replaced during this variant's steps
+    overrides = []                                  # (module, name, value) replaced during this variant's steps
     if v.get("merged_mlp"):
-        overrides["mlp_forms"] = lambda *a, **k: (True,) * 4
+        overrides.append((fused, "mlp_forms", lambda *a, **k: (True,) * 4))
     if v.get("gu_beside"):
         forms = fused.mlp_forms
-        overrides["mlp_forms"] = lambda *a, **k: forms(*a, **k)[:3] + (False,)
+        overrides.append((fused, "mlp_forms", lambda *a, **k: forms(*a, **k)[:3] + (False,)))
     if overrides and v["compile"]:
         # torch.compile's caches key a graph on its code, not on what the overrides change (dX's
         # layout, which the operators' fake kernels state): this variant compiles without them
         torch._functorch.config.enable_autograd_cache = False
         torch._inductor.config.fx_graph_cache = False
     if v.get("fuse_all"):
-        overrides["fused_is_cheaper"] = lambda *a: True
+        overrides.append((fused, "fused_is_cheaper", lambda *a: True))
     if v.get("gemm_terms"):
-        overrides["KERNEL_TERMS"] = False
+        overrides.append((fused, "KERNEL_TERMS", False))
     if v.get("gemm_reduce"):
         from lorakit import activation
 
         def unfused(dh, gu, gd, sd, rg, sg, su, db, *terms, want_ad=True):
             return activation.swiglu_backward_reduce_unfused(dh, gu, gd if want_ad else None, sd, rg, sg, su, db)
-        overrides["swiglu_backward_reduce"] = unfused
-
-    swiglu_mod = None
+        overrides.append((fused, "swiglu_backward_reduce", unfused))
     if v.get("dh_plain"):
         from lorakit import kernels
-        swiglu_mod = kernels.load("swiglu")
+        swiglu = kernels.load("swiglu")
+        if swiglu is not None:                      # (no Triton: nothing to switch)
+            overrides.append((swiglu, "DH_VIA_GU", False))
 
     def overridden(fn):
         def run():
-            saved = {k: getattr(fused, k) for k in overrides}
-            fused.__dict__.update(overrides)
-            if swiglu_mod is not None:
-                swiglu_mod.DH_VIA_GU = False
+            saved = [(mod, name, getattr(mod, name)) for mod, name, _ in overrides]
+            for mod, name, value in overrides:
+                setattr(mod, name, value)
             try:
                 return fn()
             finally:
-                fused.__dict__.update(saved)
-                if swiglu_mod is not None:
-                    swiglu_mod.DH_VIA_GU = True
-        return run if overrides or swiglu_mod is not None else fn
+                for mod, name, value in reversed(saved):
+                    setattr(mod, name, value)
+        return run if overrides else fn
 
     def _step():
         t0 = time.perf_counter()
