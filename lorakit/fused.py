@@ -143,7 +143,12 @@ def dx_columns(dy2: Tensor, i: int, h: int, ag: Tensor, au: Tensor, ad: Tensor, 
     must state it): H + rg + ru where dX and gs come from one GEMM (gate|up backward merged,
     equal scales, the dA's needed), else H."""
     f, _, _ = _plan(dy2, i, h, ag, au, ad, None)
-    return h + ag.shape[0] + au.shape[0] if f[3] and need_a and sg == su else h
+    return h + ag.shape[0] + au.shape[0] if _gs_rides(f, need_a, sg, su) else h
+
+
+def _gs_rides(f: tuple[bool, ...], need_a: bool, sg: float, su: float) -> bool:
+    """Whether gate|up backward computes [dX | gs] in one GEMM (merged form, dA's needed, sg = su)."""
+    return f[3] and need_a and sg == su
 
 
 def mlp_forward(x2: Tensor, wg, wu, wd, agc, bgc, auc, buc, adc, bdc, sg: float, su: float, sd: float,
@@ -222,7 +227,7 @@ def mlp_backward(dy2: Tensor, x2: Optional[Tensor], gu: Tensor, has: Optional[Te
     del dh, gd
     dx = dA = gs = None
     same = sg == su
-    if need_x and f[3] and (need_ag or need_au) and same:                  # [dX | gs] = dgu [W'gu | blockdiag(Bg, Bu)]
+    if need_x and _gs_rides(f, need_ag or need_au, sg, su):                # [dX | gs] = dgu [W'gu | blockdiag(Bg, Bu)]
         full = torch.mm(dgu, wprime.stacked_merged_weight([wg, wu], [bgc, buc], [agc, auc], [sg, su], append_b=True))
         dx, gs = full[:, :hid], full[:, hid:]                               # (N, H) slice, (N, rg + ru)
     elif need_x and f[3]:
