@@ -31,6 +31,10 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s15b        # the row-major SwiGLU backward (its gd^T tile now loaded, not transposed) over
+#                                   # row splits and stages; 1B compiled: bound, lorakit
+#   bash bench/h200.sh s15a        # the SwiGLU backward with the terms on transposed tiles against row-major ones
+#                                   # (bench/swiglu_terms.py --bwd-only --transposed, 1B and 8B), GPU tests of the fused MLP
 #   bash bench/h200.sh s14j        # the dh-term backward through the GU path (zero B's): GPU tests of the fused MLP,
 #                                   # 1B compiled: bound, lorakit, +dh-plain (the path before)
 #   bash bench/h200.sh s14i        # 1B eager against PEFT (defaults and bf16 adapters) on session 10's code
@@ -226,6 +230,16 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s15b)
+    timeout 200 python3 bench/swiglu_terms.py --bwd-only --sizes 1b,8b --out $R/swiglu_bwd_h200_s15b 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s15b 2>&1 | tee -a "$LOG"
+    ;;
+  s15a)
+    timeout 240 python3 bench/swiglu_terms.py --bwd-only --transposed --sizes 1b,8b --out $R/swiglu_bwd_h200_s15a 2>&1 | tee -a "$LOG"
+    timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py \
+      > $OUT/tests.txt 2>&1; tail -6 $OUT/tests.txt | tee -a "$LOG"
     ;;
   s14j)
     timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py \

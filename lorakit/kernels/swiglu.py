@@ -41,7 +41,8 @@ beside W0 in the same shape, so the GEMMs write x Wg^T, x Wu^T and dY Wd alone:
 in float32, never rounded; each program loads its (RP, BLOCK) tiles of Bg^T, Bu^T and Ad once.
 The backward with dh's term alone runs the GU path with zero B's (``DH_VIA_GU``): dh's term comes
 out of ``tl.dot`` in the dot's register layout, and g, u rebuilt by dots share it, where g, u as
-loaded would be converted every row tile (1B shape: 232 against 264 us).
+loaded would be converted every row tile (1B shape: 232 against 264 us; 201-210 us since gd^T loads
+through its own pointer, ``swiglu_bwd_h200_s15a.md``, ``_s15b.md``).
 At the 8B shape: forward 124 us against 176 us for the plain kernel and the GEMMs writing the
 terms; backward 211 us against 253 us (``bench/swiglu_terms.py``, ``swiglu_terms_h200.md``).
 """
@@ -181,11 +182,10 @@ def _bwd_reduce_kernel(dh_ptr, gu_ptr, dgu_ptr, gd_ptr, bg_ptr, bu_ptr, ad_ptr, 
         tl.store(dgu_ptr + od, dg, mask=m)
         tl.store(dgu_ptr + od + I, du, mask=m)
         if AD:
-            if DH:
-                gt = tl.trans(gdr)
-            else:
-                gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :],
-                             other=0.0)
+            # gd^T through its own pointer: as tl.trans(gdr) the pipeliner left gd's load synchronous,
+            # waited on every row tile (232 -> 201 us at the 1B shape, swiglu_bwd_h200_s15a.md)
+            gt = tl.load(gd_ptr + rows[None, :] * s_gd + kk[:, None], mask=(kk < RD)[:, None] & mr[None, :],
+                         other=0.0)
             acc_d = tl.dot(gt, (silu * u).to(ty), acc_d, input_precision=PREC)
         if DB:
             xa = gu_ptr + rows[None, :] * s_gu + 2 * I + kk[:, None]
@@ -266,15 +266,16 @@ def swiglu_forward_terms(gu: Tensor, bg: Tensor, bu: Tensor, sg: float, su: floa
 
 def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: float, rg: int, sg: float, su: float,
                            db: bool, bg: Optional[Tensor] = None, bu: Optional[Tensor] = None,
-                           ad: Optional[Tensor] = None, want_ad: bool = True, cfg: Optional[tuple] = None
-                           ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                           ad: Optional[Tensor] = None, want_ad: bool = True, cfg: Optional[tuple] = None,
+                           kernel=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dgu, dAd, dBg, dBu) for dh (N, I) and gu = [g | u | xag | xau] (N, 2I + rg + ru), unit
     column strides: dgu = [dg | du] (N, 2I); dAd = sd gd^T h (rd, I) when gd (N, rd) is given;
     with ``db`` dBg = sg dg^T xag (I, rg) and dBu = su du^T xau (I, ru), contiguous. With bg and
     bu, gu holds g0 and u0 and g, u are rebuilt as ``swiglu_forward_terms`` builds them; with ad
     (rd, I), dh holds dh0 and dh = dh0 + sd gd Ad (gd required); ``want_ad`` False: no dAd even
     with gd. dh is not modified (h is never written). ``cfg`` as ``swiglu_forward_terms``'s,
-    default ``TERMS_BWD`` with the terms and ``REDUCE`` without."""
+    default ``TERMS_BWD`` with the terms and ``REDUCE`` without. ``kernel``: a Triton kernel with
+    ``_bwd_reduce_kernel``'s signature and outputs, run in its place (benchmarks try variants)."""
     n, i = dh.shape
     if DH_VIA_GU and ad is not None and bg is None and db and gu.shape[1] > 2 * i:
         # dh's term is a tl.dot result, in the dot's register layout, while g and u load in another:
@@ -301,7 +302,7 @@ def swiglu_backward_reduce(dh: Tensor, gu: Tensor, gd: Optional[Tensor], sd: flo
     a0 = ad if ad is not None else dh
     cfg = cfg or (TERMS_BWD if terms else REDUCE)
     splits, per = _split(n, cfg)
-    run = _launch(_bwd_reduce_kernel, cfg, n, i, (per,),
+    run = _launch(kernel or _bwd_reduce_kernel, cfg, n, i, (per,),
                   dict(RD=rd, RG=rgk, RU=ru, RP=rp, AD=need_ad, DB=db, GU=terms, DH=ad is not None),
                   (dh, gu, dgu, g, b0, b1, a0))
     part = torch.empty((splits, 3, rp, i), dtype=torch.float32, device=gu.device)
