@@ -31,6 +31,11 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s15e        # where the compiled step's host time goes (cProfile and torch.profiler of
+#                                   # lorakit+compile and bound+compile, saved to STEM.profile.txt)
+#   bash bench/h200.sh s15c        # GPU tests of the fused MLP and the compiled operators; 1B compiled: bound, lorakit,
+#                                   # +dh-plain, and both steps' kernels (STEM.profile.txt)
+#   bash bench/h200.sh s15d        # session 11's final code: 8B eager and compiled, 1B compiled and eager
 #   bash bench/h200.sh s15b        # the row-major SwiGLU backward (its gd^T tile now loaded, not transposed) over
 #                                   # row splits and stages; 1B compiled: bound, lorakit
 #   bash bench/h200.sh s15a        # the SwiGLU backward with the terms on transposed tiles against row-major ones
@@ -230,6 +235,24 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s15e)
+    timeout 300 python3 bench/host_cost.py --device cuda --variants bound+compile,lorakit+compile --rounds 20 \
+      --cprofile lorakit+compile,bound+compile --profile lorakit+compile,bound+compile \
+      --out $R/host_cost_compiled_h200_s15e 2>&1 | tail -30 | tee -a "$LOG"
+    ;;
+  s15c)
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_fused.py tests/test_compiled.py \
+      > $OUT/tests.txt 2>&1; tail -6 $OUT/tests.txt | tee -a "$LOG"
+    timeout 260 python3 bench/train_step.py --device cuda --size 1b --profile bound+compile,lorakit+compile \
+      --variants "${VARIANTS_1B:-bound+compile,lorakit+compile,lorakit+dh-plain+compile}" \
+      --out $R/train_step_1b_h200_s15c 2>&1 | tee -a "$LOG"
+    ;;
+  s15d)
+    timeout 300 python3 bench/train_step.py --device cuda --size 8b --batch 4 \
+      --variants "${VARIANTS_8B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_8b_h200_s15d 2>&1 | tee -a "$LOG"
+    timeout 250 python3 bench/train_step.py --device cuda --size 1b \
+      --variants "${VARIANTS_1B:-bound,lorakit,bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s15d 2>&1 | tee -a "$LOG"
     ;;
   s15b)
     timeout 200 python3 bench/swiglu_terms.py --bwd-only --sizes 1b,8b --out $R/swiglu_bwd_h200_s15b 2>&1 | tee -a "$LOG"

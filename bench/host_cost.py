@@ -16,7 +16,7 @@ takes the GPU's work out of the picture to measure the host's side alone:
 
 ``--profile VARIANTS`` adds torch.profiler's table of one step of each, sorted by host time;
 ``--cprofile VARIANTS`` Python's cProfile of each variant's forward and backward.
-Results: ``--out STEM`` writes STEM.json and STEM.md.
+Results: ``--out STEM`` writes STEM.json and STEM.md, and the tables of both options to STEM.profile.txt.
 """
 
 from __future__ import annotations
@@ -217,10 +217,13 @@ def main(argv=None) -> int:
         print(f"{r['name']:<16} forward {r['forward_ms']:7.2f}  backward {r['backward_ms']:7.2f}  "
               f"optimizer {r['optimizer_ms']:6.2f}  step {r['step_ms']:7.2f} ms (host)", flush=True)
     rows += op_costs(args, dtype)
-    for name in filter(None, args.profile.split(",")):
-        print(profile_table(name, args, dtype))
-    for name in filter(None, args.cprofile.split(",")):
-        print(cprofile_table(name, args, dtype))
+    texts = [profile_table(name, args, dtype) for name in filter(None, args.profile.split(","))]
+    texts += [cprofile_table(name, args, dtype) for name in filter(None, args.cprofile.split(","))]
+    for text in texts:
+        print(text)
+    if texts and args.out:
+        with open(args.out + ".profile.txt", "w") as f:
+            f.write("\n\n".join(texts))
     meta = common.env_info(args.device)
     meta.update(title=f"Host time per step and per operation, {args.device}", seq=args.seq, rounds=args.rounds,
                 setup=f"Llama shape hidden 64, 16 layers, MLP 256 (GPU work negligible), batch 1 x {args.seq}, "
