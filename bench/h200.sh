@@ -31,6 +31,8 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s15f        # dY = [dq | dk | dv] concatenated in the compiled graph: GPU tests of the compiled
+#                                   # operators and q/k/v groups; 1B compiled: bound, lorakit (its kernels profiled)
 #   bash bench/h200.sh s15e        # where the compiled step's host time goes (cProfile and torch.profiler of
 #                                   # lorakit+compile and bound+compile, saved to STEM.profile.txt)
 #   bash bench/h200.sh s15c        # GPU tests of the fused MLP and the compiled operators; 1B compiled: bound, lorakit,
@@ -235,6 +237,12 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s15f)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_compiled.py tests/test_grouped.py \
+      > $OUT/tests.txt 2>&1; tail -6 $OUT/tests.txt | tee -a "$LOG"
+    timeout 220 python3 bench/train_step.py --device cuda --size 1b --profile lorakit+compile \
+      --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s15f 2>&1 | tee -a "$LOG"
     ;;
   s15e)
     timeout 300 python3 bench/host_cost.py --device cuda --variants bound+compile,lorakit+compile --rounds 20 \

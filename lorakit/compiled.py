@@ -11,8 +11,9 @@ compiler treats each as one opaque node:
   and its backward ``lorakit::gated_mlp_backward`` -> (dx, [dAg; dAu], dBg, dBu, dAd, dBd);
 * ``lorakit::shared_linear`` (x, [W_i], [b_i], [A_i], [B_i], [s_i]) -> [y_1, ..., y_m, xa]
   (q, k and v as one node, lorakit.grouped) and its backward
-  ``lorakit::shared_linear_backward`` -> [dx, [dA_1; ...; dA_m], dB_1, ..., dB_m] (the stacked
-  dA is split outside the operator: its outputs may not alias).
+  ``lorakit::shared_linear_backward`` (dY = [dy_1 | ... | dy_m], ...) -> [dx, [dA_1; ...; dA_m],
+  dB_1, ..., dB_m] (the stacked dA is split outside the operator: its outputs may not alias; dY
+  is concatenated outside it, where the compiler writes the members' gradients into its columns).
 
 Why opaque: traced op by op, the merged weight W' = W0 + s B A that backward rebuilds is
 a function of forward inputs only, so the partitioner hoists it into the forward graph and
@@ -84,7 +85,7 @@ _SCHEMAS = {
                           "float sg, float su, float sd, bool[] need) -> Tensor[]",
     "shared_linear": "shared_linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] As, Tensor[] Bs, "
                      "float[] scales) -> Tensor[]",
-    "shared_linear_backward": "shared_linear_backward(Tensor[] dys, Tensor x, Tensor xa, Tensor[] weights, "
+    "shared_linear_backward": "shared_linear_backward(Tensor dy, Tensor x, Tensor xa, Tensor[] weights, "
                               "Tensor[] As, Tensor[] Bs, float[] scales, bool[] need) -> Tensor[]",
 }
 
@@ -254,12 +255,12 @@ def _shared_fake(x, weights, biases, As, Bs, scales):
     return [x.new_empty(lead + (w.shape[0],)) for w in weights] + [x.new_empty(lead + (sum(A.shape[0] for A in As),))]
 
 
-def _shared_backward(dys, x, xa, weights, As, Bs, scales, need):
+def _shared_backward(dy, x, xa, weights, As, Bs, scales, need):
     """[dx, dA, dB_1..m], empty where not needed: dA = [dA_1; ...; dA_m] stacked in A's dtype
     (``_SharedOp.backward`` splits it: operator outputs may not alias, and a clone per member
     costs a launch each); dB's in their dtypes."""
     m = len(weights)
-    dx, dA, dBs = grouped.shared_backward(dys, x, xa, weights, [_cast(A, x.dtype) for A in As],
+    dx, dA, dBs = grouped.shared_backward(dy, x, xa, weights, [_cast(A, x.dtype) for A in As],
                                           [_cast(B, x.dtype) for B in Bs], scales, need[0],
                                           need[1:1 + m], need[1 + m:])
     dA = None if dA is None else _cast(dA, As[0].dtype)
@@ -267,7 +268,7 @@ def _shared_backward(dys, x, xa, weights, As, Bs, scales, need):
     return [_none(dx, x), _none(dA, As[0])] + [_none(g, t) for g, t in zip(dBs, Bs)]
 
 
-def _shared_backward_fake(dys, x, xa, weights, As, Bs, scales, need):
+def _shared_backward_fake(dy, x, xa, weights, As, Bs, scales, need):
     m = len(weights)
     k = x.shape[-1]
     R = sum(A.shape[0] for A in As)
@@ -302,8 +303,10 @@ class _SharedOp(torch.autograd.Function):
         x, xa, *rest = ctx.saved_tensors
         need = ctx.needs_input_grad
         flags = [need[0], *need[2 + 2 * m:2 + 4 * m]]
-        out = op("shared_linear_backward")(list(grads[:m]), x, xa, rest[:m], rest[m:2 * m],
-                                                               rest[2 * m:], ctx.scales, flags)
+        # dY = [dy_1 | ... | dy_m] outside the operator: traced, the concatenation lets the compiler
+        # write each member's gradient straight into its columns (no copy pass, 0.39 ms per step at 1B)
+        dy = torch.cat(grads[:m], dim=-1)
+        out = op("shared_linear_backward")(dy, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, flags)
         dx, dA, *dBs = (_some(g) for g in out)
         dAs = [None if g is None else _cast(g, A.dtype)
                for g, A in zip(wprime.split_rows(dA, rest[m:2 * m], flags[1:1 + m]), rest[m:2 * m])]

@@ -184,19 +184,20 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
     return outs, xa
 
 
-def shared_backward(dys, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, scales, need_x: bool,
+def shared_backward(dY: Tensor, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, scales, need_x: bool,
                     need_a: list[bool], need_b: list[bool]) -> tuple[Optional[Tensor], Optional[Tensor], list]:
-    """(dx, dA, [dB_i]) in x's dtype (None where not needed) for the members' output gradients
-    ``dys``; dA = [dA_1; ...; dA_m] (R, k) stacked (rows of the members that need it are theirs).
-    x is needed for the dA's, xa for the dB's.
+    """(dx, dA, [dB_i]) in x's dtype (None where not needed) for dY = [dy_1 | ... | dy_m] (..., D),
+    the members' output gradients side by side; dA = [dA_1; ...; dA_m] (R, k) stacked (rows of the
+    members that need it are theirs). x is needed for the dA's, xa for the dB's. (Under
+    torch.compile the concatenation happens in the compiled graph, ``compiled._SharedOp``: the
+    kernels that compute dq, dk and dv write into dY's columns, and no pass copies them.)
 
     With equal scales (the usual case) dX and gs = [dy_i B_i] come from one GEMM,
     dY [W' | blockdiag(B_i)], which reads dY once; dX is then a column slice of its result."""
     m = len(ws)
     k = ws[0].shape[1]
     D = sum(w.shape[0] for w in ws)
-    dY = torch.cat(dys, dim=-1)                                             # (..., D)
-    dY2 = dY.view(-1, D)                                                    # (N, D)
+    dY2 = dY.reshape(-1, D)                                                 # (N, D)
     same = all(s == scales[0] for s in scales)
     dx = gs = dA = None
     if need_x and any(need_a) and same:
@@ -251,8 +252,8 @@ class _SharedLinearFn(torch.autograd.Function):
         x, xa, *rest = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_a = need[2 + 2 * m:2 + 3 * m]
-        dx, dA, dBs = shared_backward(dys, x, xa, rest[:m], rest[m:2 * m], rest[2 * m:], ctx.scales, need[0],
-                                      need_a, need[2 + 3 * m:2 + 4 * m])
+        dx, dA, dBs = shared_backward(torch.cat(dys, dim=-1), x, xa, rest[:m], rest[m:2 * m], rest[2 * m:],
+                                      ctx.scales, need[0], need_a, need[2 + 3 * m:2 + 4 * m])
         dAs = wprime.split_rows(dA, rest[m:2 * m], need_a)
         grads = [None if g is None else ops._cast(g, t) for g, t in zip(dAs + dBs, ctx.dtypes)]
         return (dx, None) + (None,) * (2 * m) + tuple(grads) + (None,)

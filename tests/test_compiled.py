@@ -30,7 +30,7 @@ class Recorder:
     and backward graphs' call targets and the tensors the forward saves for backward."""
 
     def __init__(self):
-        self.targets, self.saved = [], []
+        self.targets, self.saved, self.feeds = [], [], []
         self.backend = aot_autograd(fw_compiler=self.fw, bw_compiler=self.bw, partition_fn=min_cut_rematerialization_partition)
 
     def fw(self, gm, _):
@@ -41,7 +41,13 @@ class Recorder:
 
     def bw(self, gm, _):
         self.targets += [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        self.feeds += [(str(n.target), str(n.args[0].target)) for n in gm.graph.nodes
+                       if n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node)]
         return make_boxed_func(gm)
+
+    def cat_feeds(self, name):
+        """How many backward calls of the operator ``name`` take an aten.cat as their first argument."""
+        return sum(1 for op, first in self.feeds if name in op and "aten.cat" in first)
 
     def called(self, name):
         return sum(1 for t in self.targets if name in str(t))
@@ -109,6 +115,13 @@ def test_opcheck_shared_linear(bias):
     bs = [p(d, grad=False) if bias else None for d in ds]
     args = (p(3, 5, k), ws, bs, [p(r, k) for r in rs], [p(d, r) for d, r in zip(ds, rs)], [2.0, 2.0, 0.5])
     torch.library.opcheck(compiled.op("shared_linear"), args)
+    with torch.no_grad():
+        xa = compiled.op("shared_linear")(*args)[-1]
+    x, _, _, As, Bs, _ = args
+    for scales in ([2.0, 2.0, 0.5], [2.0] * 3):                 # dX alone, or a column slice of [dX | gs]
+        back = (torch.randn(3, 5, sum(ds), generator=g), x.detach(), xa, ws, [A.detach() for A in As],
+                [B.detach() for B in Bs], scales, [True] * 7)
+        torch.library.opcheck(compiled.op("shared_linear_backward"), back)
 
 
 def test_fake_tensors_take_the_fake_kernel_never_the_implementation(monkeypatch):
@@ -208,6 +221,9 @@ def test_compiled_model_runs_the_operators_and_matches_eager():
     assert rec.called("lorakit.lora_linear." + compiled.OVERLOAD) == 2 and rec.called("lorakit.gated_mlp." + compiled.OVERLOAD) == 2
     assert rec.called("lorakit.shared_linear." + compiled.OVERLOAD) == 2 and rec.called("lorakit.shared_linear_backward") == 2
     assert rec.called("lorakit.gated_mlp_backward") == 2
+    # dY = [dq | dk | dv] is concatenated in the graph, where the compiler can write the members'
+    # gradients into its columns, and reaches the backward operator as one tensor
+    assert rec.cat_feeds("lorakit.shared_linear_backward") == 2
     assert abs(got[0].item() - want[0].item()) <= 1e-6 * abs(want[0].item())
     for a, e in zip(got[1], want[1]):
         assert rel(a, e) < 1e-5
