@@ -189,8 +189,8 @@ def shared_backward(dY: Tensor, x: Optional[Tensor], xa: Optional[Tensor], ws, A
     """(dx, dA, [dB_i]) in x's dtype (None where not needed) for dY = [dy_1 | ... | dy_m] (..., D),
     the members' output gradients side by side; dA = [dA_1; ...; dA_m] (R, k) stacked (rows of the
     members that need it are theirs). x is needed for the dA's, xa for the dB's. (Under
-    torch.compile the concatenation happens in the compiled graph, ``compiled._SharedOp``: the
-    kernels that compute dq, dk and dv write into dY's columns, and no pass copies them.)
+    torch.compile the concatenation happens in the compiled graph, ``compiled._SharedOp``, fused
+    with the kernels that compute the gradients.)
 
     With equal scales (the usual case) dX and gs = [dy_i B_i] come from one GEMM,
     dY [W' | blockdiag(B_i)], which reads dY once; dX is then a column slice of its result."""
