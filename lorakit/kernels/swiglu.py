@@ -44,7 +44,8 @@ out of ``tl.dot`` in the dot's register layout, and g, u rebuilt by dots share i
 loaded would be converted every row tile (1B shape: 232 against 264 us; 201-210 us since gd^T loads
 through its own pointer, ``swiglu_bwd_h200_s15a.md``, ``_s15b.md``).
 At the 8B shape: forward 124 us against 176 us for the plain kernel and the GEMMs writing the
-terms; backward 211 us against 253 us (``bench/swiglu_terms.py``, ``swiglu_terms_h200.md``).
+terms; backward 211 us against 253 us (``bench/swiglu_terms.py``, ``swiglu_terms_h200.md``;
+187-189 us since gd^T loads through its own pointer).
 """
 
 from __future__ import annotations
