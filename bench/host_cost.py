@@ -36,10 +36,12 @@ TINY = dict(hidden=64, layers=16, inter=256, heads=4, kv=2, vocab=256, tie=False
 
 
 def tiny_variant(name: str, args, dtype):
-    """(model, optimizer, step, forward_loss) of variant ``name`` on the tiny model, batch 1 x ``args.seq``."""
+    """(model, optimizer, step, forward_loss) of variant ``name`` on the tiny model, batch 1 x ``args.seq``
+    (with ``--size``, that shape's model at batch ``args.batch``)."""
     v = train_step.parse_variant(name)
-    model = common.build_llama(TINY, args.device, dtype, seed=0)
-    ids, labels = common.random_batch(1, args.seq, TINY["vocab"], args.device)
+    shape = TINY if args.size == "tiny" else common.SIZES[args.size]
+    model = common.build_llama(shape, args.device, dtype, seed=0)
+    ids, labels = common.random_batch(args.batch, args.seq, shape["vocab"], args.device)
     opt = train_step.setup(v, model)
     step, forward_loss = train_step.make_step(v, model, opt, ids, labels)
     return model, opt, step, forward_loss
@@ -175,8 +177,10 @@ def profile_table(name: str, args, dtype) -> str:
 
 
 def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
-    """Python's cProfile of ``steps`` forward + backward calls of variant ``name`` (tiny model):
-    where the host's time goes, by function (own time first, then lorakit's functions by cumulative time)."""
+    """Python's cProfile of ``steps`` forward calls of variant ``name`` and, separately, of their
+    backward calls (the device synchronised before each, so that neither waits on the other's
+    work): where the host's time goes, by function (own time first, then lorakit's functions by
+    cumulative time)."""
     import cProfile
     import io
     import pstats
@@ -184,16 +188,23 @@ def cprofile_table(name: str, args, dtype, steps: int = 10) -> str:
     for _ in range(5):
         step()
     common.sync(args.device)
-    prof = cProfile.Profile()
-    prof.enable()
+    fwd, bwd = cProfile.Profile(), cProfile.Profile()
     for _ in range(steps):
-        forward_loss().backward()
+        common.sync(args.device)
+        fwd.enable()
+        loss = forward_loss()
+        fwd.disable()
+        common.sync(args.device)
+        bwd.enable()
+        loss.backward()
+        bwd.disable()
     common.sync(args.device)
-    prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(40)
-    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("lorakit", 40)   # the library's own frames
-    return f"== cProfile {name}, {steps} x forward + backward\n" + out.getvalue()
+    for what, prof in (("forward", fwd), ("backward", bwd)):
+        out.write(f"--- {what}\n")
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(40)
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("lorakit", 40)   # the library's own frames
+    return f"== cProfile {name}, {steps} x forward, then backward\n" + out.getvalue()
 
 
 def main(argv=None) -> int:
@@ -201,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="bound,lorakit,peft-bf16")
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--size", default="tiny", choices=["tiny", *sorted(common.SIZES)],
+                   help="the model (tiny: GPU work negligible; 1b: the host's time with the real shapes' forms)")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--profile", default="", help="comma-separated variants to profile with torch.profiler "
@@ -226,7 +240,8 @@ def main(argv=None) -> int:
             f.write("\n\n".join(texts))
     meta = common.env_info(args.device)
     meta.update(title=f"Host time per step and per operation, {args.device}", seq=args.seq, rounds=args.rounds,
-                setup=f"Llama shape hidden 64, 16 layers, MLP 256 (GPU work negligible), batch 1 x {args.seq}, "
+                setup=("Llama shape hidden 64, 16 layers, MLP 256 (GPU work negligible)" if args.size == "tiny"
+                       else f"Llama shape {args.size}") + f", batch {args.batch} x {args.seq}, "
                       f"{str(dtype).replace('torch.', '')}, LoRA r=16 on the 7 projections; medians of "
                       f"{args.rounds} rounds (steps) and of 5 x {args.calls} back-to-back calls (ops).")
     cols = [("name", "what", ""), ("forward_ms", "forward ms", "{:.2f}"), ("backward_ms", "backward ms", "{:.2f}"),
