@@ -25,6 +25,8 @@ Variants (``--variants``, comma separated; ``@r64`` picks the rank):
                      cuBLAS for dAd, dBg, dBu, not one kernel (lorakit.activation.swiglu_backward_reduce_unfused)
     X+gu-beside      lorakit X with the fused MLP's gate|up backward beside W0 (its dA's gs a GEMM of its
                      own that reads [dg | du]), the other sites as lorakit.fused.mlp_forms picks them
+    X+xa-apart       lorakit X with x A^T as a GEMM of its own in the merged forward of o_proj and of
+                     q/k/v (lorakit.ops.XA_IN_GEMM off): the path before session 11
     X+dh-plain       lorakit X with the SwiGLU backward that adds dh's term alone in its own layout
                      (lorakit.kernels.swiglu.DH_VIA_GU off): the 1B shape's path before session 10
     X+fuse-all       lorakit X with the fused MLP node at every input size (lorakit.fused.fused_is_cheaper
@@ -82,12 +84,13 @@ def parse_variant(spec: str) -> dict:
     merged_mlp = "+merged-mlp" in name
     gu_beside = "+gu-beside" in name
     dh_plain = "+dh-plain" in name
+    xa_apart = "+xa-apart" in name
     fuse_all = "+fuse-all" in name
     gemm_reduce = "+gemm-reduce" in name
     gemm_terms = "+gemm-terms" in name or gemm_reduce
     base = name
     for mod in ("+compile", "+fused-loss", "+foreach", "+torch-fused", "+ungrouped", "+merged-mlp", "+gu-beside",
-                "+dh-plain", "+fuse-all", "+gemm-reduce", "+gemm-terms"):
+                "+dh-plain", "+xa-apart", "+fuse-all", "+gemm-reduce", "+gemm-terms"):
         base = base.replace(mod, "")
     r = 16
     if "@r" in base:
@@ -98,7 +101,7 @@ def parse_variant(spec: str) -> dict:
         raise SystemExit(f"unknown variant {spec!r}")
     return dict(name=name, kind=kind, r=r, compile=compile_, fused_loss=fused, foreach=foreach, torch_fused=torch_fused,
                 ungrouped=ungrouped,
-                merged_mlp=merged_mlp, gu_beside=gu_beside, dh_plain=dh_plain, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
+                merged_mlp=merged_mlp, gu_beside=gu_beside, dh_plain=dh_plain, xa_apart=xa_apart, fuse_all=fuse_all, gemm_reduce=gemm_reduce, gemm_terms=gemm_terms,
                 bf16=base == "peft-bf16", fp32=base == "lorakit-fp32", unfused=base == "lorakit-unfused")
 
 
@@ -172,6 +175,9 @@ def make_step(v: dict, model, opt, ids, labels):
     if v.get("gu_beside"):
         forms = fused.mlp_forms
         overrides.append((fused, "mlp_forms", lambda *a, **k: forms(*a, **k)[:3] + (False,)))
+    if v.get("xa_apart"):
+        from lorakit import ops
+        overrides.append((ops, "XA_IN_GEMM", False))
     if overrides and v["compile"]:
         # torch.compile's caches key a graph on its code, not on what the overrides change (dX's
         # layout, which the operators' fake kernels state): this variant compiles without them

@@ -107,7 +107,10 @@ def _linear(x, weight, bias, A, B, scale, merged):
 
 def _linear_fake(x, weight, bias, A, B, scale, merged):
     lead = x.shape[:-1]
-    return x.new_empty(lead + (weight.shape[0],)), x.new_empty(lead + (A.shape[0],))
+    d, r = weight.shape[0], A.shape[0]
+    if merged and ops.xa_rides(True, bias):                  # a column slice of [y | xa]
+        return x.new_empty(lead + (d + r,))[..., :d], x.new_empty(lead + (r,))
+    return x.new_empty(lead + (d,)), x.new_empty(lead + (r,))
 
 
 def _linear_backward(dy, x, xa, weight, A, B, scale, merged, need_x, need_a, need_b):
@@ -252,7 +255,12 @@ def _shared(x, weights, biases, As, Bs, scales):
 
 def _shared_fake(x, weights, biases, As, Bs, scales):
     lead = x.shape[:-1]
-    return [x.new_empty(lead + (w.shape[0],)) for w in weights] + [x.new_empty(lead + (sum(A.shape[0] for A in As),))]
+    R = sum(A.shape[0] for A in As)
+    outs = [x.new_empty(lead + (w.shape[0],)) for w in weights]
+    if grouped.rides_xa(True, biases):                       # the last: a column slice of [y_m | xa]
+        dm = weights[-1].shape[0]
+        outs[-1] = x.new_empty(lead + (dm + R,))[..., :dm]
+    return outs + [x.new_empty(lead + (R,))]
 
 
 def _shared_backward(dy, x, xa, weights, As, Bs, scales, need):

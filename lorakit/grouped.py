@@ -161,10 +161,15 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
     ``views``: the members but the last share one GEMM and buffer, each output a detached slice
     of it (eager); else each member has its own GEMM (an operator's outputs may not alias). The
     last member (v) has its own GEMM and buffer either way: attention keeps v for its backward,
-    and a slice would keep the whole buffer alive with it."""
+    and a slice would keep the whole buffer alive with it. Without biases xa rides in that GEMM,
+    [y_m | xa] = x [W'_m; A_1; ...; A_m]^T (the W' kernel writes the A rows in its launch): v is
+    a column slice of it (``rides_xa``) and xa a copy, so that keeping xa does not keep v's
+    buffer. One GEMM and one concatenation of the A's fewer per call."""
     m = len(ws)
-    W = wprime.stacked_merged_weight(ws, Bc, Ac, scales)                      # (D, k)
-    hd = W.shape[0] - ws[-1].shape[0]
+    ride = rides_xa(need_xa, bs)
+    W = wprime.stacked_merged_weight(ws, Bc, Ac, scales, append_a=ride)     # (D, k), or (D + R, k)
+    dm = ws[-1].shape[0]
+    hd = sum(w.shape[0] for w in ws) - dm
     outs = []
     if m > 1 and views:
         y = F.linear(x, W[:hd], torch.cat(bs[:-1]) if bs[0] is not None else None)   # (..., D - d_m)
@@ -179,9 +184,19 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
             d = w.shape[0]
             outs.append(F.linear(x, W[o:o + d], b))
             o += d
-    outs.append(F.linear(x, W[hd:], bs[-1]))                               # (..., d_m)
+    if ride:
+        yx = F.linear(x, W[hd:])                                            # [y_m | xa] (..., d_m + R)
+        outs.append(yx[..., :dm].detach())
+        return outs, yx[..., dm:].clone()
+    outs.append(F.linear(x, W[hd:hd + dm], bs[-1]))                         # (..., d_m)
     xa = F.linear(x, torch.cat(Ac)) if need_xa else None                   # (..., R), for the dB's
     return outs, xa
+
+
+def rides_xa(need_xa: bool, bs) -> bool:
+    """Whether ``shared_forward`` computes xa in the last member's GEMM (no biases): its output
+    is then a column slice with row stride d_m + R (the compiled operator's fake kernel says so)."""
+    return ops.xa_rides(need_xa, bs[0])
 
 
 def shared_backward(dY: Tensor, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, scales, need_x: bool,

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .wprime import merged_weight
+from .wprime import merged_weight, stacked_merged_weight
 
 
 # ---------------------------------------------------------------------------- reference
@@ -159,14 +159,32 @@ def linear_forward(x: Tensor, xd: Optional[Tensor], weight: Tensor, bias: Option
     """The training forward: (out (..., d), xa = xd A^T (..., r) or None, the form used).
 
     Ac, Bc are already in x's dtype. Merged: out = x W'^T + b, and xa is only computed when
-    ``need_xa`` (for dB). Unmerged (always with dropout): out = x W0^T + b, then
+    ``need_xa`` (for dB); without a bias it rides in the same GEMM, [out | xa] = x [W'; A]^T (the
+    W' kernel writes A's rows in its launch), out a column slice of the result (row stride d + r,
+    ``xa_rides``) and xa a copy, so that keeping xa does not keep out's buffer: x is read once and
+    the call makes one GEMM. Unmerged (always with dropout): out = x W0^T + b, then
     out += s xa B^T as the epilogue of a rank-r GEMM.
     """
     if xd is None and merged:
+        if xa_rides(need_xa, bias):
+            d = weight.shape[0]
+            yx = F.linear(x, stacked_merged_weight([weight], [Bc], [Ac], [scale], append_a=True))   # (..., d + r)
+            return yx[..., :d], yx[..., d:].clone(), True
         out = F.linear(x, merged_weight(weight, Bc, Ac, scale), bias)      # x W'^T + b   (..., d)
         return out, (F.linear(x, Ac) if need_xa else None), True           # (..., r), for dB only
     xa = F.linear(x if xd is None else xd, Ac)                              # (..., r)
     return beside(x, weight, bias, xa, Bc, scale), xa, False
+
+
+# False: xa = x A^T is a GEMM of its own in the merged forward of the LoRA linear and of the q/k/v
+# node (benchmarks compare). Set it between training steps, never between a forward and its backward.
+XA_IN_GEMM = True
+
+
+def xa_rides(need_xa: bool, bias: Optional[Tensor]) -> bool:
+    """Whether the merged ``linear_forward`` computes xa in its GEMM (no bias): its output is then
+    a column slice with row stride d + r (the compiled operator's fake kernel says so)."""
+    return XA_IN_GEMM and need_xa and bias is None
 
 
 def beside(x: Tensor, weight: Tensor, bias: Optional[Tensor], xa: Tensor, B: Tensor, scale: float) -> Tensor:
@@ -247,7 +265,9 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.scale, ctx.same, ctx.merged = scale, xd is None, merged
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
         ctx.save_for_backward((x if xd is None else xd) if ctx.needs_input_grad[4] else None, xa, weight, Ac, Bc)
-        return out
+        # Never a view for autograd (F.linear's output on a 3-D input is one, and so is a column
+        # slice): a caller may modify it in place, as it may nn.Linear's (nothing saved reads it)
+        return out.detach()
 
     @staticmethod
     def backward(ctx, dy: Tensor):

@@ -72,8 +72,15 @@ def grads(fn, x, w, b, A, B, s):
 
 
 # ---------------------------------------------------------------------------- registration
+@pytest.fixture(params=[True, False], ids=["xa-in-gemm", "xa-apart"])
+def xa_in_gemm(request, monkeypatch):
+    """x A^T riding in the merged forward's GEMM (the output a column slice), or a GEMM of its own."""
+    monkeypatch.setattr(ops, "XA_IN_GEMM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("merged", [True, False])
-def test_opcheck_lora_linear(merged):
+def test_opcheck_lora_linear(merged, xa_in_gemm):
     x, w, b, A, B = linear_inputs(5, 8, 6, 2)
     torch.library.opcheck(compiled.op("lora_linear"), (x, w, b, A, B, 1.5, merged))
     torch.library.opcheck(compiled.op("lora_linear"), (x, w, None, A, B, 1.5, merged))
@@ -105,7 +112,7 @@ def test_opcheck_gated_mlp(monkeypatch, forms, su):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_opcheck_shared_linear(bias):
+def test_opcheck_shared_linear(bias, xa_in_gemm):
     g = torch.Generator().manual_seed(0)
     k, ds, rs = 8, (6, 4, 4), (2, 2, 3)
 

@@ -79,6 +79,33 @@ def test_fast_matches_reference_float32(mode, lead, k, d, r):
         check_same(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("xa_in_gemm", [True, False])
+def test_merged_forward_with_xa_in_its_gemm(monkeypatch, xa_in_gemm):
+    """Merged and without a bias, the training forward computes [y | x A^T] in one GEMM: y is a
+    column slice (row stride d + r); with a bias, or with ``ops.XA_IN_GEMM`` off, x A^T is a GEMM
+    of its own. Both match the reference."""
+    monkeypatch.setattr(ops, "XA_IN_GEMM", xa_in_gemm)
+    for bias in (False, True):
+        x, w, b, A, B = make((3, 40), 24, 20, 4, bias=bias, seed=5)
+        check_same(run(ops.lora_linear, x, w, b, A, B, 1.5, mode="merged"), run(ops.lora_linear_reference, x, w, b, A, B,
+                                                                                 1.5), 1e-5)
+        y = ops.lora_linear(x, w, b, A, B.requires_grad_(), 1.5, mode="merged")     # dB needs x A^T
+        assert y.shape == (3, 40, 20) and y.stride(-2) == (24 if xa_in_gemm and not bias else 20)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_may_be_modified_in_place(mode, bias):
+    """As nn.Linear's output, the training output takes in-place writes (3-D input, every form):
+    autograd records them, and the gradients are those of the modified function."""
+    x, w, b, A, B = make((3, 40), 24, 20, 4, bias=bias, seed=6)
+
+    def in_place(f):
+        return lambda *args, **kw: f(*args, **kw).mul_(3.0)
+    got = run(in_place(ops.lora_linear), x, w, b, A, B, 1.5, mode=mode)
+    check_same(got, run(in_place(ops.lora_linear_reference), x, w, b, A, B, 1.5), 1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_dropout_input_feeds_only_the_adapter(mode):
     x, w, b, A, B = make((3, 10), 12, 9, 4)
