@@ -31,6 +31,8 @@
 #                                   # of session 9 were interpreter-checked only), with the slowest tests listed
 #   bash bench/h200.sh s14b        # where the compiled 1B step's host time goes on the current code: host_cost.py
 #                                   # (cProfile and torch.profiler of lorakit+compile), 1B timelines of both compiled steps
+#   bash bench/h200.sh s15i        # the GPU tests s15h's timeout cut short: q/k/v groups, compiled operators, the
+#                                   # few-rows kernel
 #   bash bench/h200.sh s15h        # x A^T in the merged forward's GEMM (o_proj, q/k/v): GPU tests of ops, q/k/v groups
 #                                   # and the compiled operators; 1B compiled and eager: bound, lorakit, +xa-apart
 #   bash bench/h200.sh s15g        # where the 1B compiled forward's host time goes, at the real shapes: cProfile of
@@ -241,6 +243,10 @@ case "${1:-}" in
       --cprofile lorakit+compile --profile lorakit+compile --out $R/host_cost_compiled_h200_s14b 2>&1 | tee -a "$LOG"
     timeout 250 python3 bench/train_step.py --device cuda --size 1b --timeline bound+compile,lorakit+compile \
       --variants "${VARIANTS_1B:-bound+compile,lorakit+compile}" --out $R/train_step_1b_h200_s14b 2>&1 | tee -a "$LOG"
+    ;;
+  s15i)
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_grouped.py tests/test_compiled.py \
+      tests/test_ops.py -k "grouped or compiled or inductor or few_rows" > $OUT/tests.txt 2>&1; tail -6 $OUT/tests.txt | tee -a "$LOG"
     ;;
   s15h)
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short tests/test_ops.py tests/test_grouped.py \
