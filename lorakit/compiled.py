@@ -257,7 +257,7 @@ def _shared_fake(x, weights, biases, As, Bs, scales):
     lead = x.shape[:-1]
     R = sum(A.shape[0] for A in As)
     outs = [x.new_empty(lead + (w.shape[0],)) for w in weights]
-    if grouped.rides_xa(True, biases):                       # the last: a column slice of [y_m | xa]
+    if ops.xa_rides(True, biases[0]):                        # the last: a column slice of [y_m | xa]
         dm = weights[-1].shape[0]
         outs[-1] = x.new_empty(lead + (dm + R,))[..., :dm]
     return outs + [x.new_empty(lead + (R,))]

@@ -163,10 +163,10 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
     last member (v) has its own GEMM and buffer either way: attention keeps v for its backward,
     and a slice would keep the whole buffer alive with it. Without biases xa rides in that GEMM,
     [y_m | xa] = x [W'_m; A_1; ...; A_m]^T (the W' kernel writes the A rows in its launch): v is
-    a column slice of it (``rides_xa``) and xa a copy, so that keeping xa does not keep v's
+    a column slice of it (``ops.xa_rides``) and xa a copy, so that keeping xa does not keep v's
     buffer. One GEMM and one concatenation of the A's fewer per call."""
     m = len(ws)
-    ride = rides_xa(need_xa, bs)
+    ride = ops.xa_rides(need_xa, bs[0])                                     # members have biases in all or none
     W = wprime.stacked_merged_weight(ws, Bc, Ac, scales, append_a=ride)     # (D, k), or (D + R, k)
     dm = ws[-1].shape[0]
     hd = sum(w.shape[0] for w in ws) - dm
@@ -191,12 +191,6 @@ def shared_forward(x: Tensor, ws, bs, Ac, Bc, scales, need_xa: bool, views: bool
     outs.append(F.linear(x, W[hd:hd + dm], bs[-1]))                         # (..., d_m)
     xa = F.linear(x, torch.cat(Ac)) if need_xa else None                   # (..., R), for the dB's
     return outs, xa
-
-
-def rides_xa(need_xa: bool, bs) -> bool:
-    """Whether ``shared_forward`` computes xa in the last member's GEMM (no biases): its output
-    is then a column slice with row stride d_m + R (the compiled operator's fake kernel says so)."""
-    return ops.xa_rides(need_xa, bs[0])
 
 
 def shared_backward(dY: Tensor, x: Optional[Tensor], xa: Optional[Tensor], ws, Ac, Bc, scales, need_x: bool,
